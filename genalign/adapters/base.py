@@ -1,0 +1,95 @@
+"""The one interface every modality adapter implements.
+
+An adapter owns a modality: it turns raw records into sample batches (``collate``), scores N samples under
+the policy and the reference on shared randomness (``score``), and draws samples from a model (``sample``).
+Objectives never see models; the trainer never sees modality details.
+
+Shared randomness: ``score(samples, groups=g)`` gives samples with the same ``g[i]`` the same random draw
+(timestep and noise for diffusion), and the reference is evaluated on exactly the policy's inputs. A pair's
+chosen and rejected therefore share ``t`` and ``eps`` when scored through :meth:`Adapter.score_pairs`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+
+from genalign.types import PairwiseBatch, SampleBatch, Scores
+
+
+class Adapter(abc.ABC):
+    """Base class of the modality adapters (text, image, motion, tabular)."""
+
+    #: the trainable network; the trainer replaces it with the ``accelerate``-prepared module
+    policy: torch.nn.Module
+    #: True when scores do not depend on fresh randomness, so reference scores can be computed once and cached
+    deterministic: bool = False
+
+    @abc.abstractmethod
+    def collate(self, records: Sequence[dict[str, Any]]) -> SampleBatch:
+        """Turn raw records (one sample each) into a sample batch; bad records raise naming the field."""
+
+    @abc.abstractmethod
+    def concat(self, parts: Sequence[SampleBatch]) -> SampleBatch:
+        """Concatenate sample batches along the sample axis (so a pair is scored in one forward)."""
+
+    @abc.abstractmethod
+    def score(
+        self,
+        samples: SampleBatch,
+        *,
+        groups: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        with_reference: bool = True,
+    ) -> Scores:
+        """Per-sample scores ``[N]`` for the policy (with grad) and, if asked, the reference (no grad)."""
+
+    @abc.abstractmethod
+    def sample(
+        self,
+        conditions: Any,
+        num_samples: int = 1,
+        *,
+        generator: torch.Generator | None = None,
+        use_reference: bool = False,
+    ) -> SampleBatch:
+        """Draw ``num_samples`` samples per condition (condition-major) from the policy or the reference."""
+
+    # ----------------------------------------------------------------------------------------------
+    def score_pairs(
+        self,
+        batch: PairwiseBatch,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Scores, Scores]:
+        """Score chosen and rejected in one concatenated forward; pair i shares its randomness.
+
+        Cached reference scores on the batch are used instead of running the reference.
+        """
+        cached = batch.reference_chosen is not None and batch.reference_rejected is not None
+        groups = torch.arange(batch.size).repeat(2)
+        scores = self.score(
+            self.concat([batch.chosen, batch.rejected]),
+            groups=groups,
+            generator=generator,
+            with_reference=not cached,
+        )
+        chosen, rejected = scores.split([batch.size, batch.size])
+        if cached:
+            chosen.reference, rejected.reference = batch.reference_chosen, batch.reference_rejected
+        return chosen, rejected
+
+    @property
+    def unwrapped_policy(self) -> torch.nn.Module:
+        """The policy without DDP/FSDP/compile wrappers (for ``disable_adapter``, saving, generation)."""
+        return extract_model_from_parallel(self.policy)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def save(self, directory: str) -> None:
+        """Write the trained weights in the modality's native layout (override per adapter)."""
+        self.unwrapped_policy.save_pretrained(directory)

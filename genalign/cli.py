@@ -1,0 +1,65 @@
+"""Hydra entry points: ``genalign-train experiment=NAME [key=value ...]``.
+
+Config groups live in ``configs/{adapter,objective,data,experiment}``. Every run writes into ``output_dir`` its
+resolved ``config.yaml``, checkpoints, ``log.jsonl``, ``training_curve.png`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from genalign.steps import build_step
+from genalign.train import Trainer, TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def asset_path(name: str) -> str:
+    """Path of a shipped asset: ``$GENALIGN_ASSETS/name`` if set, else ``<repo>/assets/name``."""
+    root = Path(os.environ.get("GENALIGN_ASSETS", REPO_ROOT / "assets"))
+    path = root / name
+    if not path.exists():
+        raise FileNotFoundError(f"asset {name!r} not found at {path}; set GENALIGN_ASSETS to the folder holding it")
+    return str(path)
+
+
+if not OmegaConf.has_resolver("asset"):
+    OmegaConf.register_new_resolver("asset", asset_path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build adapter, data, objective step and evaluator from ``cfg`` and train; returns the metrics."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    step = build_step(**objective)
+    adapter = instantiate(cfg.adapter)
+    rows = instantiate(cfg.data.train)
+    evaluator = instantiate(cfg.evaluator) if cfg.get("evaluator") else None
+    train_cfg = TrainConfig(output_dir=str(out), **OmegaConf.to_container(cfg.train, resolve=True))
+    metrics = Trainer(adapter, step, rows, train_cfg, evaluate=evaluator).train()
+    print(format_before_after(metrics))
+    return metrics
+
+
+def format_before_after(metrics: dict[str, Any]) -> str:
+    """A markdown table of the before/after evaluation."""
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+        lines.append(f"| {key} | {b:.4f} | {a:.4f} |")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
+def train_main(cfg: DictConfig) -> None:
+    run(cfg)

@@ -1,0 +1,121 @@
+"""Loss steps: bind a batch type to an adapter's scores and an objective from :mod:`genalign.objectives`.
+
+A step is ``step(adapter, rows, ctx) -> (per_example_loss, metrics)``. It collates the rows itself, so each
+objective gets the batch type it needs (pairs for DPO-style objectives, labelled samples for KTO). Methods that
+draw the policy's own samples (Diffusion-DRO, SoPo, online methods) provide their own steps in
+:mod:`genalign.online`; this module holds the offline ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from genalign import objectives
+from genalign.adapters.base import Adapter
+from genalign.data.batching import labelled_batch, pairwise_batch
+from genalign.data.text import pairs_to_unpaired
+
+
+@dataclass
+class StepContext:
+    """What a step may need from the trainer: shared randomness and a cross-process mean."""
+
+    generator: torch.Generator
+    global_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.mean()
+
+
+class PairwiseStep:
+    """Offline pairwise objectives (DPO family): one concatenated forward, shared randomness per pair."""
+
+    kind = "pairwise"
+    names = ("dpo", "robust_dpo", "ipo", "slic", "gpo", "simpo", "soft_preference")
+
+    def __init__(self, name: str, length_normalize: bool = False, **params: Any):
+        self.name, self.fn, self.params = name, getattr(objectives, name), params
+        self.length_normalize = length_normalize
+        self.beta = params.get("beta", 1.0)
+
+    def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
+        batch = pairwise_batch(adapter, rows).to(_device(adapter))
+        chosen, rejected = adapter.score_pairs(batch, generator=ctx.generator)
+        kwargs = dict(self.params)
+        if self.name == "soft_preference":
+            if batch.strength is None:
+                raise ValueError("soft_preference needs a 'strength' field (preference probability in [0, 1]) on every pair")
+            kwargs["strength"] = batch.strength
+        if self.length_normalize or self.name == "simpo":
+            kwargs.update(chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths)
+        if self.name == "simpo":
+            loss = self.fn(chosen.policy, rejected.policy, **kwargs)
+        else:
+            loss = self.fn(chosen.policy, rejected.policy, chosen.reference, rejected.reference, **kwargs)
+        metrics = {}
+        if chosen.reference is not None:
+            metrics = objectives.pairwise_metrics(
+                chosen.policy, rejected.policy, chosen.reference, rejected.reference, beta=self.beta
+            )
+        return loss, metrics
+
+
+class KTOStep:
+    """KTO on labelled samples; paired rows are split into a desirable and an undesirable sample.
+
+    The reference point z is the detached mean of (π − ref) over the *global* batch (all processes).
+    """
+
+    kind = "unpaired"
+    names = ("kto",)
+
+    def __init__(self, name: str = "kto", **params: Any):
+        self.params = params
+
+    def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
+        if rows and "chosen" in rows[0]:
+            rows = pairs_to_unpaired(rows)
+        batch = labelled_batch(adapter, rows).to(_device(adapter))
+        if batch.desirable is None:
+            raise ValueError("kto needs a boolean 'desirable' (or 'label') field on every sample")
+        scores = adapter.score(batch.samples, groups=torch.arange(batch.size), generator=ctx.generator)
+        reference = scores.reference if batch.reference is None else batch.reference
+        kl = ctx.global_mean((scores.policy - reference).detach().float())
+        loss = objectives.kto(scores.policy, reference, batch.desirable, kl=kl, **self.params)
+        r = (scores.policy - reference).detach()
+        metrics = {"kto/kl": kl, "rewards/desirable": _masked_mean(r, batch.desirable), "rewards/undesirable": _masked_mean(r, ~batch.desirable)}
+        return loss, metrics
+
+
+OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, KTOStep) for name in cls.names}
+
+
+def build_step(name: str, **params: Any):
+    """The offline loss step for objective ``name`` with its hyper-parameters (from the objective config)."""
+    if name not in OFFLINE_STEPS:
+        known = sorted(objectives.OBJECTIVES)
+        if name in known:
+            raise ValueError(
+                f"objective {name!r} needs its method's own sampling step (genalign.online), not the offline trainer; "
+                f"offline objectives are {sorted(OFFLINE_STEPS)}"
+            )
+        raise ValueError(f"unknown objective {name!r}; choose one of {known}")
+    cls = OFFLINE_STEPS[name]
+    _check_params(name, params, cls)
+    return cls(name, **params)
+
+
+def _check_params(name: str, params: dict[str, Any], cls: type) -> None:
+    accepted = set(inspect.signature(getattr(objectives, name)).parameters) | {"length_normalize"}
+    unknown = set(params) - accepted
+    if unknown:
+        raise ValueError(f"objective {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return x[mask].mean() if mask.any() else x.new_tensor(float("nan"))
+
+
+def _device(adapter: Adapter) -> torch.device:
+    return next(adapter.policy.parameters()).device

@@ -1,0 +1,310 @@
+"""The one optimizer core: every adapter and every objective train through :class:`Trainer`.
+
+Built on ``accelerate`` (mixed precision, gradient accumulation, DDP/FSDP/DeepSpeed through ``accelerate
+launch``). Checkpoints are written to a temporary folder and renamed into place, so a kill never leaves a
+half-written checkpoint; resuming restores model, optimizer, scheduler, every RNG and the data position
+(the row order is a pure function of the step, see :class:`genalign.data.batching.RowOrder`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from genalign.adapters.base import Adapter
+from genalign.data.batching import RowOrder
+from genalign.steps import StepContext
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Adapter], dict[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a run. ``batch_size`` is the global micro-batch, split across processes."""
+
+    output_dir: str = "outputs/run"
+    max_steps: int = 100
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    lr_scheduler: str = "constant_with_warmup"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = True
+    cache_reference: bool = True
+    log_with: list[str] = field(default_factory=list)
+
+
+class _GeneratorState:
+    """Wraps the trainer's torch.Generator (shared noise for diffusion scores) for accelerate checkpointing."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class Trainer:
+    """Train ``adapter.policy`` with ``step`` (see :mod:`genalign.steps`) over ``rows``.
+
+    ``evaluate(adapter) -> dict`` runs before training, every ``eval_every`` steps and at the end; the first
+    and last results land in ``output_dir/metrics.json`` as ``{"before": ..., "after": ...}``.
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        step: Callable,
+        rows: Sequence[dict[str, Any]],
+        config: TrainConfig,
+        evaluate: Evaluator | None = None,
+        accelerator: Accelerator | None = None,
+    ):
+        self.adapter, self.step_fn, self.rows, self.cfg, self.evaluate = adapter, step, list(rows), config, evaluate
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=config.log_with or None,
+            project_dir=str(self.output_dir),
+        )
+        set_seed(config.seed)
+        world = self.accelerator.num_processes
+        if config.batch_size % world:
+            raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
+        self.order = RowOrder(len(self.rows), config.batch_size, seed=config.seed)
+        if config.gradient_checkpointing:
+            adapter.unwrapped_policy.gradient_checkpointing_enable()
+        params = adapter.trainable_parameters()
+        if not params:
+            raise ValueError("the adapter's policy has no trainable parameters (is everything frozen?)")
+        self.optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, weight_decay=config.weight_decay, betas=tuple(config.adam_betas)
+        )
+        self.scheduler = get_scheduler(
+            config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps
+        )
+        adapter.policy, self.optimizer = self.accelerator.prepare(adapter.policy, self.optimizer)
+        self.noise = _GeneratorState(config.seed + 1)
+        self.accelerator.register_for_checkpointing(self.scheduler, self.noise)
+        self.global_step = 0
+        self.history: list[dict[str, float]] = []
+        self.metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ public
+    def train(self) -> dict[str, Any]:
+        """Run (or resume) to ``max_steps``; returns ``{"before", "after", "history"}``."""
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.log_with:
+            acc.init_trackers(self.output_dir.name, config=_flat(asdict(cfg)))
+        if not (cfg.resume and self._resume()):
+            self.metrics["before"] = self._evaluate()
+            self._write_metrics()
+        if cfg.cache_reference:
+            self._cache_reference_scores()
+        bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="train")
+        while self.global_step < cfg.max_steps:
+            logs = self._optimizer_step()
+            self.global_step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            self._after_step(logs)
+        bar.close()
+        if "after" not in self.metrics:
+            self.metrics["after"] = self._evaluate()
+        self.metrics["history"] = self.history
+        self._write_metrics()
+        if acc.is_main_process:
+            self.adapter.save(str(self.output_dir / "final"))
+            _plot_curves(self.history, self.output_dir / "training_curve.png")
+        acc.end_training()
+        return self.metrics
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _optimizer_step(self) -> dict[str, float]:
+        acc, cfg = self.accelerator, self.cfg
+        ctx = StepContext(generator=self.noise.generator, global_mean=self._global_mean)
+        sums: dict[str, float] = {}
+        for micro in range(cfg.gradient_accumulation_steps):
+            micro_step = self.global_step * cfg.gradient_accumulation_steps + micro
+            indices = self.order.indices(micro_step)[acc.process_index :: acc.num_processes]
+            with acc.accumulate(self.adapter.policy):
+                with acc.autocast():
+                    loss, metrics = self.step_fn(self.adapter, [self.rows[i] for i in indices], ctx)
+                loss = loss.float().mean()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at optimizer step {self.global_step}, micro-batch {micro}, "
+                        f"dataset rows {indices}; lower the learning rate or beta, or check those rows"
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients and self.cfg.max_grad_norm is not None:
+                    params = self.adapter.trainable_parameters()
+                    sums["grad_norm"] = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg.gradient_accumulation_steps
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
+        self.scheduler.step()
+        sums["lr"] = self.scheduler.get_last_lr()[0]
+        return {k: self._global_mean(torch.tensor(v, device=acc.device)).item() for k, v in sums.items()}
+
+    def _after_step(self, logs: dict[str, float]) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        logs["step"] = self.global_step
+        if self.global_step == cfg.max_steps:
+            self.metrics["after"] = self._evaluate()
+        elif cfg.eval_every and self.global_step % cfg.eval_every == 0:
+            logs.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+        self.history.append(logs)
+        if cfg.log_with:
+            acc.log(logs, step=self.global_step)
+        if acc.is_main_process and (self.global_step % max(cfg.log_every, 1) == 0 or self.global_step == cfg.max_steps):
+            with open(self.output_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(logs) + "\n")
+        if (cfg.save_every and self.global_step % cfg.save_every == 0) or self.global_step == cfg.max_steps:
+            self.save_checkpoint()
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self) -> dict[str, float]:
+        if self.evaluate is None:
+            return {}
+        model = self.adapter.policy
+        model.eval()
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        # evaluation draws its own randomness: it must not shift the training RNG streams
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
+            result = {k: float(v) for k, v in self.evaluate(self.adapter).items()}
+        model.train()
+        return result
+
+    def _write_metrics(self) -> None:
+        if self.accelerator.is_main_process:
+            _atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2))
+
+    # ------------------------------------------------------------------ reference cache
+    def _cache_reference_scores(self) -> None:
+        """Precompute reference scores once when they cannot change (deterministic scores, pairwise rows)."""
+        if not (self.adapter.deterministic and self.rows and "chosen" in self.rows[0]):
+            return
+        if all("reference_chosen" in r for r in self.rows):
+            return
+        from genalign.data.batching import pairwise_batch
+
+        bs = self.cfg.batch_size
+        with torch.no_grad(), self.accelerator.autocast():
+            for start in range(0, len(self.rows), bs):
+                chunk = self.rows[start : start + bs]
+                batch = pairwise_batch(self.adapter, chunk).to(self.accelerator.device)
+                chosen, rejected = self.adapter.score_pairs(batch)
+                if chosen.reference is None:
+                    return  # reference-free objective (e.g. SimPO): nothing to cache
+                for r, c, j in zip(chunk, chosen.reference.tolist(), rejected.reference.tolist()):
+                    r["reference_chosen"], r["reference_rejected"] = c, j
+
+    # ------------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """accelerate state + trainer state into ``step-N.tmp``, then an atomic rename to ``step-N``."""
+        acc = self.accelerator
+        final = self.checkpoint_root / f"step-{self.global_step:08d}"
+        tmp = final.with_suffix(".tmp")
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            state = {"global_step": self.global_step, "metrics": self.metrics, "history": self.history}
+            _atomic_write_text(tmp / "trainer_state.json", json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[: -self.cfg.keep_checkpoints or None]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoint_root.exists():
+            return []
+        return sorted(p for p in self.checkpoint_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+    def _resume(self) -> bool:
+        found = self.checkpoints()
+        if not found:
+            return False
+        latest = found[-1]
+        self.accelerator.load_state(str(latest))
+        state = json.loads((latest / "trainer_state.json").read_text())
+        self.global_step, self.metrics, self.history = state["global_step"], state["metrics"], state["history"]
+        log.info("resumed from %s at step %d", latest, self.global_step)
+        return True
+
+    def _global_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return t.mean()
+        return self.accelerator.gather(t.reshape(-1).to(self.accelerator.device)).mean()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+def _plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    """Loss, implicit reward margin and accuracy against the step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "rewards/margin", "rewards/accuracy") if any(k in h for h in history)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        steps = [h["step"] for h in history if key in h and math.isfinite(h[key])]
+        ax.plot(steps, [h[key] for h in history if key in h and math.isfinite(h[key])])
+        ax.set_xlabel("optimizer step")
+        ax.set_title(key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
