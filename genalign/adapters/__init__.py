@@ -1,0 +1,1 @@
+"""Modality adapters: batches -> per-sample policy/reference scores on shared randomness."""

@@ -1,0 +1,1 @@
+"""Evaluation: image, motion and text metrics."""

@@ -1,0 +1,1 @@
+"""Reward and preference models used as judges and metrics."""
