@@ -16,8 +16,7 @@ import torch
 
 from genalign import objectives
 from genalign.adapters.base import Adapter
-from genalign.data.batching import labelled_batch, pairwise_batch
-from genalign.data.text import pairs_to_unpaired
+from genalign.data.batching import labelled_batch, pairs_to_unpaired, pairwise_batch
 
 
 @dataclass

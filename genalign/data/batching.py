@@ -54,6 +54,22 @@ def labelled_batch(adapter: Adapter, rows: Sequence[dict[str, Any]]) -> Labelled
     )
 
 
+def pairs_to_unpaired(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split each pair into a desirable (chosen) and an undesirable (rejected) sample, as KTO on paired data does.
+
+    Cached reference scores follow their side (``reference_chosen`` -> ``reference`` of the desirable sample).
+    """
+    out = []
+    for r in rows:
+        for side, desirable in (("chosen", True), ("rejected", False)):
+            sample = {"prompt": _require(r, "prompt", "pair"), "response": _require(r, side, "pair"),
+                      "desirable": desirable, "row": r.get("row")}
+            if f"reference_{side}" in r:
+                sample["reference"] = r[f"reference_{side}"]
+            out.append(sample)
+    return out
+
+
 def _optional_float(rows: Sequence[dict[str, Any]], key: str) -> torch.Tensor | None:
     present = [key in r and r[key] is not None for r in rows]
     if not any(present):
