@@ -1,0 +1,44 @@
+"""Name → objective lookup, so configs can pick an objective by string."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+from genalign.objectives import pairwise, unpaired
+
+Kind = Literal["pairwise", "unpaired", "reward", "auxiliary"]
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """An objective function and the kind of batch it consumes.
+
+    ``pairwise``: (policy_chosen, policy_rejected, reference_chosen, reference_rejected) scores; ``unpaired``:
+    labelled samples; ``reward``: samples with a scalar reward and a value estimate; ``auxiliary``: a term added
+    to another objective.
+    """
+
+    fn: Callable[..., torch.Tensor]
+    kind: Kind
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    **{fn.__name__: ObjectiveSpec(fn, "pairwise") for fn in (
+        pairwise.dpo, pairwise.robust_dpo, pairwise.ipo, pairwise.slic, pairwise.gpo, pairwise.simpo,
+        pairwise.soft_preference, pairwise.diffusion_dro, pairwise.sopo)},
+    "kto": ObjectiveSpec(unpaired.kto, "unpaired"),
+    "pmpo": ObjectiveSpec(unpaired.pmpo, "unpaired"),
+    "direct_reward": ObjectiveSpec(unpaired.direct_reward, "reward"),
+    "selm_optimism": ObjectiveSpec(unpaired.selm_optimism, "auxiliary"),
+}
+
+
+def get_objective(name: str) -> ObjectiveSpec:
+    """The spec registered under ``name``; unknown names raise a ValueError listing the valid ones."""
+    try:
+        return OBJECTIVES[name]
+    except KeyError:
+        raise ValueError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}") from None
