@@ -36,7 +36,7 @@ class PairwiseStep:
     def __init__(self, name: str, length_normalize: bool = False, **params: Any):
         self.name, self.fn, self.params = name, getattr(objectives, name), params
         self.length_normalize = length_normalize
-        self.beta = params.get("beta", 1.0)
+        self.beta = params.get("beta", inspect.signature(self.fn).parameters["beta"].default)
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         batch = pairwise_batch(adapter, rows).to(_device(adapter))
@@ -106,7 +106,9 @@ def build_step(name: str, **params: Any):
 
 
 def _check_params(name: str, params: dict[str, Any], cls: type) -> None:
-    accepted = set(inspect.signature(getattr(objectives, name)).parameters) | {"length_normalize"}
+    accepted = set(inspect.signature(getattr(objectives, name)).parameters)
+    if name == "ipo":
+        accepted.add("length_normalize")  # IPO on per-token means, as TRL does
     unknown = set(params) - accepted
     if unknown:
         raise ValueError(f"objective {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")

@@ -39,7 +39,11 @@ def pairwise_batch(adapter: Adapter, rows: Sequence[dict[str, Any]]) -> Pairwise
 
 
 def labelled_batch(adapter: Adapter, rows: Sequence[dict[str, Any]]) -> LabelledBatch:
-    """Collate unpaired rows (thumbs up/down and/or a scalar reward)."""
+    """Collate unpaired rows (thumbs up/down and/or a scalar reward).
+
+    TRL's unpaired field names are accepted too: ``completion`` for ``response`` and ``label`` for ``desirable``.
+    """
+    rows = [_canonical_unpaired(r) for r in rows]
     records = [{"prompt": _require(r, "prompt", "sample"), "response": _require(r, "response", "sample"), "row": r.get("row")} for r in rows]
     desirable = None
     if any("desirable" in r for r in rows):
@@ -52,6 +56,14 @@ def labelled_batch(adapter: Adapter, rows: Sequence[dict[str, Any]]) -> Labelled
         reference=_optional_float(rows, "reference"),
         index=torch.tensor([r.get("row", -1) for r in rows]),
     )
+
+
+def _canonical_unpaired(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    for alias, key in (("completion", "response"), ("label", "desirable")):
+        if alias in row and key not in row:
+            row[key] = row.pop(alias)
+    return row
 
 
 def pairs_to_unpaired(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
