@@ -9,7 +9,8 @@ Folder layout::
     root/train.txt, val.txt, test.txt   one id a line
 
 A caption with ``start == end == 0`` describes the whole motion; otherwise it describes the sub-clip of frames
-``[int(start*fps), int(end*fps))`` (seconds; 20 fps for HumanML3D) and becomes its own clip. Protocol: a motion
+``[int(start*fps), int(end*fps))`` (seconds; 20 fps for HumanML3D, 12.5 for KIT-ML, where the reference code
+multiplies by 20 for both) and becomes its own clip. Protocol: a motion
 file is kept when ``min_length <= T < max_frames`` (40 and 200; KIT-ML 24 and 200); a sub-clip obeys the same
 rule; each draw crops to a multiple of ``unit_length`` = 4 frames (one unit shorter with probability 1/3, as the
 protocol does), normalises with Mean/Std and pads with zeros to ``max_length`` = 196 frames. Everything the rules

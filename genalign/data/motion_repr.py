@@ -227,16 +227,21 @@ def retarget(
     layout = get_layout(layout)
     j = _as_joints(joints, layout)
     ref = _as_joints(np.asarray(reference)[None], layout)[0]
-    parents = layout.parents
-    bone = lambda x, i: np.linalg.norm(x[..., i, :] - x[..., parents[i], :], axis=-1)  # noqa: E731
-    scale = sum(bone(ref, i) for i in layout.leg_bones) / sum(bone(j[0], i) for i in layout.leg_bones)
+    target, source = _bone_lengths(ref, layout), _bone_lengths(j[0], layout)
     out = np.empty_like(j)
-    out[:, 0] = j[:, 0] * scale
+    out[:, 0] = j[:, 0] * target[list(layout.leg_bones)].sum() / source[list(layout.leg_bones)].sum()
     for chain in layout.kinematic_chains:
         for parent, child in zip(chain[:-1], chain[1:]):
             direction = j[:, child] - j[:, parent]
-            out[:, child] = out[:, parent] + direction / np.linalg.norm(direction, axis=-1, keepdims=True) * bone(ref, child)
+            out[:, child] = out[:, parent] + direction / np.linalg.norm(direction, axis=-1, keepdims=True) * target[child]
     return out
+
+
+def _bone_lengths(pose: np.ndarray, layout: SkeletonLayout) -> np.ndarray:
+    """``|p_j - p_parent(j)|`` of one frame ``[J, 3]``, indexed by the child joint (0 for the root)."""
+    parents = np.array(layout.parents)
+    lengths = np.linalg.norm(pose - pose[np.maximum(parents, 0)], axis=-1)
+    return np.where(parents < 0, 0.0, lengths)
 
 
 def _between(u: np.ndarray, v: np.ndarray) -> Rotation:
