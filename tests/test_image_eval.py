@@ -128,6 +128,8 @@ def test_win_rate_known_cases():
     assert win_rate(torch.tensor([[1.0, 3.0, 3.0, 4.0]]), torch.tensor([[2.0, 2.0]])) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same P"):
         win_rate(torch.zeros(3, 2), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="same P"):
+        win_rate([1.0, 2.0], torch.zeros(2, 0))
 
 
 def test_win_rate_prefers_the_model_that_draws_the_prompted_digit(classifier, held_out):

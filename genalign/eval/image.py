@@ -107,12 +107,10 @@ def win_rate(scores_new: torch.Tensor, scores_base: torch.Tensor) -> float:
     median is the lower middle value (``torch.median``), so it is always the score of an actual image.
     """
     new, base = (torch.as_tensor(s, dtype=torch.float64) for s in (scores_new, scores_base))
+    shapes = (tuple(new.shape), tuple(base.shape))
     new, base = (s.unsqueeze(-1) if s.dim() == 1 else s for s in (new, base))
-    if new.dim() != 2 or base.dim() != 2 or new.shape[0] != base.shape[0] or new.shape[0] == 0:
-        raise ValueError(
-            f"scores must be [P] or [P, N] with the same P > 0 prompts; got {tuple(scores_new.shape)} "
-            f"and {tuple(scores_base.shape)}"
-        )
+    if new.dim() != 2 or base.dim() != 2 or new.shape[0] != base.shape[0] or 0 in new.shape + base.shape:
+        raise ValueError(f"scores must be [P] or [P, N] with the same P > 0 prompts; got shapes {shapes[0]} and {shapes[1]}")
     new, base = new.median(-1).values, base.median(-1).values
     return ((new > base).double() + 0.5 * (new == base).double()).mean().item()
 
