@@ -391,6 +391,21 @@ def test_cached_encodings_equal_fresh_ones_and_skip_the_encoders(sd_folder, tmp_
     assert torch.allclose(fresh["x0"], direct, atol=1e-6)
 
 
+def test_prompt_encoder_may_return_text_embeddings():
+    from genalign.data.text_encoder import TextEmbeddings
+
+    tuple_encoder = BytePrompts()
+
+    def embeddings(prompts):
+        hidden, _ = tuple_encoder(prompts)
+        return TextEmbeddings(tokens=hidden, mask=torch.ones(hidden.shape[:2]), pooled=hidden.mean(1))
+
+    adapter = ImageDiffusionAdapter(tiny_unet(1, 16), DDPMScheduler(num_train_timesteps=T), embeddings)
+    batch = adapter.collate(records(2))
+    hidden, _ = tuple_encoder(["digit 0", "digit 1"])
+    assert torch.equal(batch["cond"], hidden) and torch.equal(batch["pooled"], hidden.mean(1))
+
+
 def test_pil_images_are_scaled_to_unit_range():
     from PIL import Image
 

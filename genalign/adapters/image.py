@@ -47,7 +47,7 @@ from genalign.adapters.diffusion_scores import (
 from genalign.adapters.encoding_cache import EncodingCache
 from genalign.types import Scores
 
-PromptEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor | None]]
+PromptEncoder = Callable[[list[str]], Any]  # -> (hidden [N, L, D], pooled [N, D] | None) or TextEmbeddings
 ImageBatch = dict[str, torch.Tensor | None]
 BATCH_KEYS = ("x0", "cond", "pooled", "time_ids")
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -59,7 +59,8 @@ class ImageDiffusionAdapter(Adapter):
     Args:
         unet: the policy network (trained in place: LoRA layers are added to it, or all its weights train).
         noise_scheduler: the training scheduler (DDPM family); its ``prediction_type`` picks the target.
-        prompt_encoder: ``encode(prompts) -> (hidden_states [N, L, D], pooled [N, D] | None)``; L must be fixed.
+        prompt_encoder: ``encode(prompts) -> (hidden_states [N, L, D], pooled [N, D] | None)``, or an object with
+            ``.tokens`` and ``.pooled`` (e.g. ``SentenceEncoder.encode``'s ``TextEmbeddings``); L must be fixed.
         vae: an ``AutoencoderKL`` for latent models, ``None`` for pixel space.
         reference: ``"lora"`` (adapters disabled; the default with ``lora``) or ``"copy"`` (a frozen copy).
         lora: ``peft.LoraConfig`` keyword arguments (``target_modules`` defaults to the attention projections),
@@ -239,7 +240,8 @@ class ImageDiffusionAdapter(Adapter):
         """``{"cond": [N, L, D], "pooled": [N, D] | None}`` from the prompt encoder (through the cache)."""
 
         def compute(indices: list[int]) -> list[dict[str, torch.Tensor]]:
-            hidden, pooled = self.encode([prompts[i] for i in indices])
+            result = self.encode([prompts[i] for i in indices])
+            hidden, pooled = (result.tokens, result.pooled) if hasattr(result, "tokens") else result
             if hidden.ndim != 3 or hidden.shape[0] != len(indices):
                 raise ValueError(f"the prompt encoder returned hidden states of shape {tuple(hidden.shape)} for "
                                  f"{len(indices)} prompts; expected [N, L, D]")
@@ -376,6 +378,9 @@ class ImageDiffusionAdapter(Adapter):
         :class:`TrajectoryState` ``(x_t, t, eps_hat)``, one per sampler step (eps_hat from the guided prediction).
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
+        if not prompts or num_samples < 1 or num_inference_steps < 1:
+            raise ValueError(f"sample needs prompts, num_samples >= 1 and num_inference_steps >= 1; got {len(prompts)} "
+                             f"prompts, num_samples={num_samples}, num_inference_steps={num_inference_steps}")
         prompts = [p for p in prompts for _ in range(num_samples)]
         n = len(prompts)
         policy = self.unwrapped_policy
