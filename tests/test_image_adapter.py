@@ -307,6 +307,17 @@ def test_trajectory_eps_hat_is_the_epsilon_equivalent_prediction():
     x0_hat = a.sqrt() * x_t - (1 - a).sqrt() * v
     assert torch.allclose(x_t, a.sqrt() * x0_hat + (1 - a).sqrt() * eps_hat, atol=1e-5)
 
+    guided = adapter.sample(["digit 3"], generator=torch.Generator().manual_seed(0), num_inference_steps=5,
+                            guidance_scale=3.0, scheduler="ddim", return_trajectory=True)
+    x_t, t, eps_hat = guided["trajectory"][1]
+    empty = adapter.encode_prompts([""])["cond"]
+    with torch.no_grad():
+        v_cond = adapter.policy(x_t, t, encoder_hidden_states=guided["cond"]).sample
+        v_uncond = adapter.policy(x_t, t, encoder_hidden_states=empty).sample
+    v = v_uncond + 3.0 * (v_cond - v_uncond)  # classifier-free guidance
+    a = adapter.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(eps_hat, a.sqrt() * v + (1 - a).sqrt() * x_t, atol=1e-5)
+
 
 # ---------------------------------------------------------------------------------------------- SD layouts and cache
 def test_clip_prompt_encoders_match_the_pipelines(sd_folder, sdxl_folder):
