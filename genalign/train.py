@@ -101,7 +101,7 @@ class Trainer:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
         self.order = RowOrder(len(self.rows), config.batch_size, seed=config.seed)
         if config.gradient_checkpointing:
-            adapter.unwrapped_policy.gradient_checkpointing_enable()
+            adapter.enable_gradient_checkpointing()
         params = adapter.trainable_parameters()
         if not params:
             raise ValueError("the adapter's policy has no trainable parameters (is everything frozen?)")
@@ -113,7 +113,7 @@ class Trainer:
         )
         adapter.policy, self.optimizer = self.accelerator.prepare(adapter.policy, self.optimizer)
         self.noise = _GeneratorState(config.seed + 1)
-        self.accelerator.register_for_checkpointing(self.scheduler, self.noise)
+        self.accelerator.register_for_checkpointing(self.scheduler, self.noise, *adapter.checkpoint_state())
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.metrics: dict[str, Any] = {}
@@ -172,6 +172,8 @@ class Trainer:
                     sums["grad_norm"] = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    self.adapter.on_optimizer_step()
             sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg.gradient_accumulation_steps
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps

@@ -90,6 +90,22 @@ class Adapter(abc.ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 
+    def on_optimizer_step(self) -> None:
+        """Called by the trainer after every optimizer step (e.g. EMA updates); nothing by default."""
+
+    def checkpoint_state(self) -> list[Any]:
+        """Extra objects with ``state_dict``/``load_state_dict`` that checkpoints must hold (e.g. an EMA)."""
+        return []
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for memory in the policy (transformers and diffusers name the switch differently)."""
+        model = self.unwrapped_policy
+        for name in ("gradient_checkpointing_enable", "enable_gradient_checkpointing"):
+            if hasattr(model, name):
+                getattr(model, name)()
+                return
+        raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch; set train.gradient_checkpointing=false")
+
     def save(self, directory: str) -> None:
         """Write the trained weights in the modality's native layout (override per adapter)."""
         self.unwrapped_policy.save_pretrained(directory)

@@ -441,6 +441,13 @@ class ImageDiffusionAdapter(Adapter):
         return images.float().clamp(-1, 1).to(x0.device)
 
     # ------------------------------------------------------------------------------------------ weights
+    def on_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema_step()
+
+    def checkpoint_state(self) -> list[Any]:
+        return [self.ema] if self.ema is not None else []
+
     def ema_step(self) -> None:
         """Update the EMA of the trainable weights (call after each optimizer step; needs ``ema_decay``)."""
         if self.ema is None:
