@@ -147,3 +147,19 @@ def test_mdm_default_sizes():
     config = MotionDenoiserConfig()
     assert (config.feature_dim, config.d_model, config.num_layers, config.num_heads, config.ff_dim) == (263, 512, 8, 4, 1024)
     assert config.prediction_type == "sample" and config.cond_drop_prob == 0.1
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    x, t, cond, mask = inputs()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(x, t, cond, mask)
+        (out[mask] ** 2).mean().backward()
+        grads.append((out.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+    (plain, plain_grads), (ckpt, ckpt_grads) = grads
+    assert torch.allclose(plain, ckpt, atol=1e-6)
+    assert len(plain_grads) == len(ckpt_grads) == len(list(tiny().parameters())) - 1  # all but the unused null_cond
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_grads, ckpt_grads))

@@ -23,6 +23,7 @@ import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_timestep_embedding
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -81,6 +82,11 @@ class MotionDenoiser(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
         self.output_proj = nn.Linear(d, config.feature_dim)
+        self.gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each encoder layer's activations during the backward pass (less memory, more compute)."""
+        self.gradient_checkpointing = True
 
     @property
     def prediction_type(self) -> str:
@@ -112,7 +118,12 @@ class MotionDenoiser(nn.Module):
         if mask is not None:
             padding = torch.cat([mask.new_zeros(batch, 1), ~mask], dim=1).to(torch.bool)
         with _without_fused_inference():
-            hidden = self.encoder(tokens, src_key_padding_mask=padding)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = tokens
+                for layer in self.encoder.layers:
+                    hidden = checkpoint(layer, hidden, src_key_padding_mask=padding, use_reentrant=False)
+            else:
+                hidden = self.encoder(tokens, src_key_padding_mask=padding)
         return self.output_proj(hidden[:, 1:])
 
     def drop_condition(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
