@@ -86,9 +86,13 @@ def test_collate_names_the_bad_row(text, bad, message):
         adapter.collate([{**bad, "row": 7}])
 
 
-def test_text_and_model_sizes_must_agree(text):
+def test_bad_construction_raises(text):
     with pytest.raises(ValueError, match="cond_dim=512"):
         MotionAdapter(denoiser(cond_dim=512), text)
+    with pytest.raises(ValueError, match="reference='lora'"):
+        MotionAdapter(denoiser(), text, reference="copy", lora={"r": 4})
+    with pytest.raises(ValueError, match="'copy'"):
+        MotionAdapter(denoiser(), text, reference="frozen")
 
 
 # ------------------------------------------------------------------------------------------------ scores
@@ -232,6 +236,8 @@ def test_sampling_lengths(text):
     assert ((counts >= 60) & (counts <= 64)).all() and torch.equal(counts[0::2], counts[1::2])
     with pytest.raises(ValueError, match="one per caption"):
         adapter.sample(CAPTIONS[:2], 2, lengths=[3, 4, 5], **kw)
+    with pytest.raises(ValueError, match="at least one caption"):
+        adapter.sample([], 2, **kw)
     with pytest.raises(ValueError, match=r"\[1, 64\]"):
         adapter.sample(CAPTIONS[:2], 1, lengths=[3, 65], **kw)
 

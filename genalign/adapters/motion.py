@@ -80,6 +80,9 @@ class MotionAdapter(Adapter):
         reference = reference or ("lora" if lora is not None else "copy")
         if reference not in ("lora", "copy"):
             raise ValueError(f"reference must be 'lora' or 'copy', got {reference!r}")
+        if reference == "copy" and lora is not None:
+            raise ValueError("lora=... trains adapters whose disabled state is the reference: use reference='lora' "
+                             "(or drop lora= to fine-tune the whole model against a frozen copy)")
         self.lora = reference == "lora"
         self.cond_drop_prob = self.config.cond_drop_prob if cond_drop_prob is None else float(cond_drop_prob)
         if not 0.0 <= self.cond_drop_prob <= 1.0:
@@ -248,6 +251,9 @@ class MotionAdapter(Adapter):
         (scoreable as is) whose padded frames are zero.
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
+        if not prompts or num_samples < 1:
+            raise ValueError(f"sample needs at least one caption and num_samples >= 1, got {len(prompts)} captions "
+                             f"and num_samples={num_samples}")
         frame_counts = self._sample_lengths(len(prompts), num_samples, lengths, generator)
         prompts = [p for p in prompts for _ in range(num_samples)]
         device = next(self.unwrapped_policy.parameters()).device
@@ -281,7 +287,7 @@ class MotionAdapter(Adapter):
         elif len(lengths) != num_conditions * num_samples:
             raise ValueError(f"lengths has {len(lengths)} entries; give one per caption ({num_conditions}) or one per "
                              f"motion ({num_conditions * num_samples})")
-        if len(lengths) == 0 or lengths.min() < 1 or lengths.max() > max_frames:
+        if lengths.min() < 1 or lengths.max() > max_frames:
             raise ValueError(f"lengths must be frame counts in [1, {max_frames}] (the model's max_frames), got {lengths.tolist()}")
         return lengths
 
