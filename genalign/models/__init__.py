@@ -1,0 +1,1 @@
+"""Networks this package defines itself: the motion denoiser, caption encoders, text-motion evaluators, tiny test models."""
