@@ -290,13 +290,15 @@ def test_numpy_records_from_a_real_humanml3d_motion(text):
 
 # ------------------------------------------------------------------------------------------------ trainer
 def test_diffusion_dpo_through_the_trainer(text, tmp_path):
-    """Diffusion-DPO with the one training core: ln 2 at step 0, the loss falls, the saved model loads."""
+    """Diffusion-DPO with the one training core (LoRA, gradient checkpointing): ln 2 at step 0, the loss falls,
+    the saved model loads."""
     from genalign.steps import build_step
     from genalign.train import Trainer, TrainConfig
 
     rows = [{"prompt": CAPTIONS[i], "chosen": motion(24, i), "rejected": motion(30, 20 + i), "row": i} for i in range(4)]
     adapter = MotionAdapter(denoiser(), text, lora={"r": 4})
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=8, batch_size=4, learning_rate=1e-2, log_every=1)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=8, batch_size=4, learning_rate=1e-2, log_every=1,
+                      gradient_checkpointing=True)
     history = Trainer(adapter, build_step("dpo", beta=50.0), rows, cfg).train()["history"]
     assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert np.mean([h["loss"] for h in history[-3:]]) < 0.6 * math.log(2)
