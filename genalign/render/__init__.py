@@ -1,0 +1,1 @@
+"""Rendering of generated samples (skeleton animations and filmstrips of motions)."""
