@@ -1,3 +1,4 @@
+import argparse
 import json
 import pickle
 
@@ -97,6 +98,12 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     assert "text_encoder missing keys: ['hidden']" in message
     assert "text_encoder unexpected keys: ['gru.weight_ih_l1']" in message
     assert "input_emb.weight: checkpoint (1024, 256) vs model (1024, 512)" in message
+
+
+def test_checkpoint_with_objects_is_refused(tmp_path):
+    torch.save({"movement_encoder": {}, "opt": argparse.Namespace(lr=1e-4)}, tmp_path / "pickled.tar")
+    with pytest.raises(ValueError, match="holds more than tensors and plain values"):
+        TextMotionEvaluator.from_official(tmp_path / "pickled.tar", glove_dir=tmp_path)
 
 
 def test_word_inputs_follow_the_t2m_rules(tmp_path):

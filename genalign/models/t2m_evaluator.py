@@ -30,7 +30,8 @@ official computation on the official inputs.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+import pickle
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -312,10 +313,20 @@ class TextMotionEvaluator(nn.Module):
     ) -> "TextMotionEvaluator":
         """The official evaluator from its ``text_mot_match/model/finest.tar`` (a dict holding the three state dicts
         under ``movement_encoder``, ``text_encoder``, ``motion_encoder``) and the folder of its GloVe files;
-        ``mean``/``std`` are the evaluator's own statistics (its ``meta/mean.npy``, ``meta/std.npy``)."""
-        config = config or EvaluatorConfig(word_vectors=str(glove_dir))
+        ``mean``/``std`` are the evaluator's own statistics (its ``meta/mean.npy``, ``meta/std.npy``). The file is
+        read with ``torch.load(weights_only=True)``: tensors and plain values only, no code."""
+        config = replace(config or EvaluatorConfig(), word_vectors=str(glove_dir))
         evaluator = cls(config, mean=mean, std=std)
-        evaluator.load_state_dicts(torch.load(checkpoint, map_location="cpu", weights_only=True), str(checkpoint))
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"{checkpoint}: holds more than tensors and plain values ({error}); if you trust the file, load it "
+                f"with torch.load(weights_only=False) and pass the dict to load_state_dicts"
+            ) from None
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{checkpoint}: expected a dict of state dicts, got {type(state).__name__}")
+        evaluator.load_state_dicts(state, str(checkpoint))
         return evaluator.eval()
 
     def save(self, directory: str | Path, training: dict | None = None) -> None:
