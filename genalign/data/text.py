@@ -20,7 +20,9 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from genalign.data.batching import pairs_to_unpaired  # noqa: F401  (KTO on paired rows: chosen -> desirable)
+from genalign.data.batching import pairs_to_unpaired  # KTO on paired rows: chosen desirable, rejected not
+
+__all__ = ["read_pairwise", "read_unpaired", "pairs_from_lists", "pairs_to_unpaired", "pairwise_row", "unpaired_row"]
 
 
 def read_pairwise(path: str | Path) -> list[dict[str, Any]]:
