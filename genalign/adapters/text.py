@@ -361,7 +361,7 @@ def _sequence_logps(
     first = max(int(mask.float().argmax(-1).min()), 1)
     keep = width - first + 1 if keep_logits else width
     kwargs = {"logits_to_keep": keep} if keep_logits else {}
-    logits = model(input_ids=ids, attention_mask=attention, **kwargs).logits[:, -keep:-1]
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False, **kwargs).logits[:, -keep:-1]
     targets, weights = ids[:, width - keep + 1 :], mask[:, width - keep + 1 :]
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
     token_logps = picked - torch.logsumexp(logits.float(), dim=-1)
