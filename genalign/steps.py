@@ -8,6 +8,8 @@ draw the policy's own samples (Diffusion-DRO, SoPo, online methods) provide thei
 
 from __future__ import annotations
 
+import abc
+import importlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -27,7 +29,27 @@ class StepContext:
     global_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.mean()
 
 
-class PairwiseStep:
+class Step(abc.ABC):
+    """Base of the loss steps: ``step(adapter, rows, ctx) -> (per_example_loss, metrics)``.
+
+    Steps that keep state across optimizer steps (online buffers, sampler snapshots) override the two hooks:
+    the trainer checkpoints what :meth:`checkpoint_state` returns and calls :meth:`on_optimizer_step` after
+    every optimizer step.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
+        """Collate ``rows``, score them through ``adapter`` and return ``(per_example_loss, metrics)``."""
+
+    def checkpoint_state(self) -> list[Any]:
+        """Objects with ``state_dict``/``load_state_dict`` to save in checkpoints."""
+        return []
+
+    def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
+        """Called after optimizer step ``global_step`` (1-based) has been applied."""
+
+
+class PairwiseStep(Step):
     """Offline pairwise objectives (DPO family): one concatenated forward, shared randomness per pair."""
 
     kind = "pairwise"
@@ -60,7 +82,7 @@ class PairwiseStep:
         return loss, metrics
 
 
-class KTOStep:
+class KTOStep(Step):
     """KTO on labelled samples; paired rows are split into a desirable and an undesirable sample.
 
     The reference point z is the detached mean of (π − ref) over the *global* batch (all processes).
@@ -88,10 +110,15 @@ class KTOStep:
 
 
 OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, KTOStep) for name in cls.names}
+#: steps that sample from the policy, as ``"module:Class"`` imported on first use (they pull in their models)
+ONLINE_STEPS = {"sopo": "genalign.online.sopo:SoPoStep"}
 
 
 def build_step(name: str, **params: Any):
-    """The offline loss step for objective ``name`` with its hyper-parameters (from the objective config)."""
+    """The loss step for objective ``name`` with its hyper-parameters (from the objective config)."""
+    if name in ONLINE_STEPS:
+        module, _, attr = ONLINE_STEPS[name].partition(":")
+        return getattr(importlib.import_module(module), attr)(**params)
     if name not in OFFLINE_STEPS:
         known = sorted(objectives.OBJECTIVES)
         if name in known:

@@ -113,7 +113,8 @@ class Trainer:
         )
         adapter.policy, self.optimizer = self.accelerator.prepare(adapter.policy, self.optimizer)
         self.noise = _GeneratorState(config.seed + 1)
-        self.accelerator.register_for_checkpointing(self.scheduler, self.noise, *adapter.checkpoint_state())
+        step_state = step.checkpoint_state() if hasattr(step, "checkpoint_state") else []
+        self.accelerator.register_for_checkpointing(self.scheduler, self.noise, *adapter.checkpoint_state(), *step_state)
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.metrics: dict[str, Any] = {}
@@ -174,6 +175,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:
                     self.adapter.on_optimizer_step()
+                    if hasattr(self.step_fn, "on_optimizer_step"):
+                        self.step_fn.on_optimizer_step(self.adapter, self.global_step + 1)
             sums["loss"] = sums.get("loss", 0.0) + loss.item() / cfg.gradient_accumulation_steps
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
