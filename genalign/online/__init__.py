@@ -1,0 +1,1 @@
+"""Methods that sample from the policy during training: SoPo, Diffusion-DRO, online judges and pair builders."""
