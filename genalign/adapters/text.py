@@ -37,7 +37,13 @@ Piece = tuple[list[int], bool]  # token ids and whether they are scored
 
 
 class TextAdapter(Adapter):
-    """Adapter for causal LMs; ``reference`` is "lora" (adapters disabled), "copy" (frozen copy) or "none"."""
+    """Adapter for causal LMs.
+
+    ``reference``: "lora" (the policy with its LoRA adapters disabled: no second copy; needs ``lora``), "copy" (a
+    frozen deep copy, for full fine-tuning) or "none" (reference-free objectives such as SimPO). ``lora``: keyword
+    arguments of ``peft.LoraConfig`` (r, lora_alpha, lora_dropout, target_modules). ``chat_template`` replaces
+    the tokenizer's template (it is set on the tokenizer, so a saved tokenizer keeps it).
+    """
 
     deterministic = True
 
