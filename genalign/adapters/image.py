@@ -18,6 +18,7 @@ or a frozen copy of the initial UNet.
 from __future__ import annotations
 
 import copy
+import inspect
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -369,13 +370,20 @@ class ImageDiffusionAdapter(Adapter):
         guidance_scale: float = 7.5,
         scheduler: str = "dpmsolver++",
         return_trajectory: bool = False,
+        timesteps: torch.Tensor | None = None,
+        decode: bool = True,
     ) -> dict[str, Any]:
         """Draw ``num_samples`` images per prompt (condition-major) with classifier-free guidance
         ``f = f(∅) + w·(f(c) − f(∅))`` (off for ``guidance_scale <= 1``).
 
         Returns a sample batch (``x0`` = the sampler's final latent or pixels, ``cond``, ``pooled``, ``time_ids``:
-        scoreable as is) plus ``images`` ``[N, C, H, W]`` in [−1, 1] and, with ``return_trajectory``, a list of
-        :class:`TrajectoryState` ``(x_t, t, eps_hat)``, one per sampler step (eps_hat from the guided prediction).
+        scoreable as is) plus ``images`` ``[N, C, H, W]`` in [−1, 1] (unless ``decode=False``) and, with
+        ``return_trajectory``, a list of :class:`TrajectoryState` ``(x_t, t, eps_hat)``, one per sampler step
+        (eps_hat from the guided prediction).
+
+        ``timesteps`` replaces the sampler's grid (and ``num_inference_steps``) with custom descending timesteps:
+        ``[S]`` for every sample or ``[N, S]`` per returned sample (e.g. Diffusion-DRO's randomly offset grids);
+        samples sharing a grid step together through one scheduler (``dpmsolver++`` or ``ddpm``).
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or num_samples < 1 or num_inference_steps < 1:
@@ -396,15 +404,18 @@ class ImageDiffusionAdapter(Adapter):
             model_batch = self.concat([{**batch, **empty}, batch])
         else:
             model_batch = batch
-        sched = sampling_scheduler(scheduler, self.noise_scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=device)
+        groups = self._sampler_groups(scheduler, num_inference_steps, timesteps, n, device)
         x = randn_tensor((n, config.in_channels, h, w), generator=generator, device=device, dtype=torch.float32)
-        x = x * sched.init_noise_sigma
+        for sched, idx in groups:
+            x[idx] = x[idx] * sched.init_noise_sigma
         states = []
         with self._sampling_model(use_reference) as unet:
-            for t in sched.timesteps:
-                t_batch = t.expand(n).to(device)
-                model_in = sched.scale_model_input(x, t)
+            for k in range(len(groups[0][0].timesteps)):
+                t_batch = torch.empty(n, dtype=torch.long, device=device)
+                model_in = torch.empty_like(x)
+                for sched, idx in groups:
+                    t_batch[idx] = sched.timesteps[k].to(device)
+                    model_in[idx] = sched.scale_model_input(x[idx], sched.timesteps[k])
                 if guided:
                     uncond, cond = self._predict(unet, model_in.repeat(2, 1, 1, 1), t_batch.repeat(2), model_batch).float().chunk(2)
                     prediction = uncond + guidance_scale * (cond - uncond)
@@ -413,11 +424,44 @@ class ImageDiffusionAdapter(Adapter):
                 if return_trajectory:
                     eps_hat = epsilon_from_prediction(self.noise_scheduler, prediction, x, t_batch, self.prediction_type)
                     states.append(TrajectoryState(x, t_batch, eps_hat))
-                x = sched.step(prediction, t, x, generator=generator, return_dict=False)[0]
-        out = {**batch, "x0": x, "images": self.decode(x)}
+                next_x = torch.empty_like(x)
+                for sched, idx in groups:
+                    t = sched.timesteps[k]
+                    next_x[idx] = sched.step(prediction[idx], t, x[idx], generator=generator, return_dict=False)[0]
+                x = next_x
+        out = {**batch, "x0": x}
+        if decode:
+            out["images"] = self.decode(x)
         if return_trajectory:
             out["trajectory"] = states
         return out
+
+    def _sampler_groups(
+        self, name: str, num_inference_steps: int, timesteps: torch.Tensor | None, n: int, device: torch.device
+    ) -> list[tuple[Any, torch.Tensor]]:
+        """One inference scheduler per distinct timestep grid, with the indices of the samples that follow it."""
+        if timesteps is None:
+            sched = sampling_scheduler(name, self.noise_scheduler.config)
+            sched.set_timesteps(num_inference_steps, device=device)
+            return [(sched, torch.arange(n, device=device))]
+        grids = torch.as_tensor(timesteps).long().cpu()
+        grids = grids.expand(n, -1) if grids.ndim == 1 else grids
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        if grids.ndim != 2 or grids.shape[0] != n or grids.shape[1] < 1:
+            raise ValueError(f"timesteps must have shape [S] or [{n}, S] (one grid per returned sample), got "
+                             f"{tuple(torch.as_tensor(timesteps).shape)}")
+        if grids.min() < 0 or grids.max() >= num_train or (grids[:, 1:] >= grids[:, :-1]).any():
+            raise ValueError(f"each timestep grid must be strictly descending within [0, {num_train}) "
+                             f"(num_train_timesteps), got {grids.tolist()}")
+        unique, inverse = torch.unique(grids, dim=0, return_inverse=True)
+        groups = []
+        for g, grid in enumerate(unique):
+            sched = sampling_scheduler(name, self.noise_scheduler.config)
+            if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+                raise ValueError(f"sampler {name!r} does not take custom timesteps; use 'dpmsolver++' or 'ddpm'")
+            sched.set_timesteps(timesteps=grid.tolist(), device=device)
+            groups.append((sched, (inverse == g).nonzero().flatten().to(device)))
+        return groups
 
     @contextmanager
     def _sampling_model(self, use_reference: bool) -> Iterator[torch.nn.Module]:
