@@ -111,7 +111,10 @@ class KTOStep(Step):
 
 OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, KTOStep) for name in cls.names}
 #: steps that sample from the policy, as ``"module:Class"`` imported on first use (they pull in their models)
-ONLINE_STEPS = {"sopo": "genalign.online.sopo:SoPoStep"}
+ONLINE_STEPS = {
+    "sopo": "genalign.online.sopo:SoPoStep",
+    "diffusion_dro": "genalign.online.diffusion_dro:DiffusionDROStep",
+}
 
 
 def build_step(name: str, **params: Any):

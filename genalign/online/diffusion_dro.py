@@ -1,0 +1,303 @@
+"""Diffusion-DRO: preference learning from expert demonstrations and the policy's own samples (Wu et al. 2025,
+"Diffusion-DRO", NeurIPS 2025; inverse reinforcement learning in the denoising-error space).
+
+Data are expert demonstrations only: rows ``{"prompt", "response": image, "row"}`` (e.g. the reward model's top-K
+images, :func:`genalign.online.pairs.demonstration_set`). A frozen **sampler snapshot** θ_s of the policy samples
+trajectories for the batch's prompts and a **trajectory buffer** keeps every sampler state
+``(x_t, t, ε̂ = ε_θs(x_t, t, c))`` with the prompt's encoding. Per row, the loss compares
+
+    expert ("chosen"):    x̄_t = add_noise(x0_expert, ε, t), fresh ε ~ N(0, I), target ε
+    own sample ("rejected"): a buffer state (x_t, t) of the same prompt, target ε̂ (the snapshot's own prediction)
+
+at the same t, for the policy θ and the frozen reference, with L = ‖f(x_t, t, c) − target‖² (mean over dims)::
+
+    loss = relu([(Le_θ − Le_ref) − (Lp_θ − Lp_ref)] + m),  m = 1e-3       (``genalign.objectives.diffusion_dro``)
+
+which pushes the policy's error on experts down relative to its error on its own samples.
+
+Sampling follows the paper: DPM-Solver++ with ``num_inference_steps`` S = 20 steps, no classifier-free guidance,
+and a **random per-trajectory offset** o ~ U{0, …, r − 1}, r = ⌊T / S⌋ (50 for T = 1000), on the grid
+``t_k = k·r + o`` (k = S−1 … 0): the sampler really runs on the shifted grid (``ImageDiffusionAdapter.sample``'s
+custom ``timesteps``), so every recorded state is a real point of the snapshot's trajectory, every timestep
+0 … S·r − 1 is visited, and ε̂ is the snapshot's prediction at exactly that (x_t, t). Samples use the snapshot in
+eval mode.
+
+Prediction types: ε̂ is stored in its epsilon form. For v- or x0-predicting models the policy-side target is ε̂
+converted back to the model's own parameterisation at (x_t, t) — x̂0 = (x_t − σ_t·ε̂)/α_t, then v = α_t·ε̂ − σ_t·x̂0
+or x̂0 — i.e. exactly the snapshot's raw output, and the expert side uses the usual v / x0 target, so both errors are
+measured in the space the model predicts.
+
+**Snapshot.** Only trainable weights differ between θ_s and θ (LoRA weights with LoRA, everything in a full
+fine-tune), so the snapshot is a copy of those tensors. To sample, they are swapped into the policy's parameters by
+pointer (``param.data``), no copy, and swapped back afterwards. With ``resync_every`` M = 1 (the paper) the snapshot
+is by construction the current policy whenever the buffer is (re)filled, so no copy is kept at all.
+
+**Buffer.** Trajectories are keyed by the prompt they were sampled for (the empty prompt for condition-dropped rows:
+the adapter's ``prompt_dropout``, 20 % in the paper, drops the condition of expert and own sample alike). A row's
+own sample is drawn from its prompt's trajectories; a prompt without any is sampled then
+(``trajectories_per_prompt`` K trajectories). Every M optimizer steps :meth:`DiffusionDROStep.on_optimizer_step`
+re-syncs the snapshot with the policy and empties the buffer; in between, trajectories are reused (a repeated
+prompt draws another state of its stored trajectories) and new prompts are sampled with the lagging snapshot.
+
+**Randomness** (all from ``ctx.generator``, which the trainer checkpoints) is drawn per call in this order: condition
+drop ``u [B]`` (only when dropout is active), then for prompts missing from the buffer the offsets ``[N]`` and the
+sampler's noise, then the buffer draw (:meth:`TrajectoryBuffer.draw`), then the expert noise ε ``[B, ...]``.
+:meth:`checkpoint_state` returns the step itself: its state dict holds the snapshot and the buffer, so a resumed run
+continues exactly (per process: in multi-process runs accelerate saves the main process's buffer).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from genalign.adapters.diffusion_scores import SAMPLERS, denoising_target
+from genalign.adapters.image import ImageDiffusionAdapter
+from genalign.objectives import diffusion_dro
+from genalign.objectives._checks import in_range
+from genalign.steps import Step, StepContext
+from genalign.types import DemonstrationBatch
+
+STATE_KEYS = ("x_t", "t", "eps_hat")
+COND_KEYS = ("cond", "pooled", "time_ids")
+
+
+class TrajectoryBuffer:
+    """Sampler trajectories keyed by prompt: ``x_t``/``eps_hat`` ``[N, S, ...]``, ``t [N, S]`` and the prompt
+    encoding (``cond``, ``pooled``, ``time_ids`` ``[N, ...]``) of N trajectories with S states each, on the CPU."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def clear(self) -> None:
+        self.prompts, self.tensors = [], {}
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        """The distinct prompts that have no trajectory yet, in first-seen order."""
+        present = set(self.prompts)
+        return list(dict.fromkeys(p for p in prompts if p not in present))
+
+    def add(self, prompts: Sequence[str], tensors: dict[str, torch.Tensor]) -> None:
+        """Append trajectories: one prompt and one entry along dim 0 of every tensor each."""
+        if any(len(v) != len(prompts) for v in tensors.values()):
+            raise ValueError(f"buffer entries must have {len(prompts)} trajectories each, got "
+                             f"{ {k: len(v) for k, v in tensors.items()} }")
+        if self.tensors and set(tensors) != set(self.tensors):
+            raise ValueError(f"buffer entries hold {sorted(self.tensors)}, got {sorted(tensors)}")
+        cpu = {k: v.detach().cpu() for k, v in tensors.items()}
+        self.tensors = {k: torch.cat([self.tensors[k], v]) for k, v in cpu.items()} if self.tensors else cpu
+        self.prompts.extend(prompts)
+
+    def draw(self, prompts: Sequence[str], generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """One state per prompt: a trajectory of that prompt uniformly (``u ~ U[0, 1) [B]``, the ⌊u·n⌋-th of its
+        n trajectories), then a step uniformly (``k ~ U{0, …, S−1} [B]``). Returns ``x_t, t, eps_hat [B, ...]`` and
+        the trajectories' prompt encodings."""
+        by_prompt: dict[str, list[int]] = {}
+        for i, p in enumerate(self.prompts):
+            by_prompt.setdefault(p, []).append(i)
+        absent = [p for p in prompts if p not in by_prompt]
+        if absent:
+            raise KeyError(f"no buffered trajectory for prompts {absent[:5]}; sample them first")
+        device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(len(prompts), generator=generator, device=device).cpu()
+        steps = self.tensors["t"].shape[1]
+        k = torch.randint(0, steps, (len(prompts),), generator=generator, device=device).cpu()
+        counts = torch.tensor([len(by_prompt[p]) for p in prompts])
+        pick = (u * counts).long().clamp(max=counts - 1)
+        j = torch.tensor([by_prompt[p][int(i)] for p, i in zip(prompts, pick)], dtype=torch.long)
+        out = {key: self.tensors[key][j, k] for key in STATE_KEYS}
+        out.update({key: self.tensors[key][j] for key in COND_KEYS if key in self.tensors})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": list(self.prompts), "tensors": dict(self.tensors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts, self.tensors = list(state["prompts"]), dict(state["tensors"])
+
+
+class DiffusionDROStep(Step):
+    """The Diffusion-DRO loss step for an :class:`~genalign.adapters.image.ImageDiffusionAdapter` (see the module
+    docstring for the procedure).
+
+    Args:
+        margin: the hinge margin m (1e-3 in the paper).
+        resync_every: M, re-sync the sampler snapshot with the policy (and empty the buffer) every M optimizer
+            steps (1 in the paper).
+        trajectories_per_prompt: K trajectories sampled for each prompt missing from the buffer.
+        num_inference_steps: S sampler steps per trajectory (20).
+        guidance_scale: classifier-free guidance while sampling (1 = none, the paper's setting).
+        scheduler: the sampler, ``"dpmsolver++"`` (the paper) or ``"ddpm"`` (both take offset grids).
+    """
+
+    def __init__(
+        self,
+        margin: float = 1e-3,
+        resync_every: int = 1,
+        trajectories_per_prompt: int = 1,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 1.0,
+        scheduler: str = "dpmsolver++",
+    ):
+        for name, value in (("resync_every", resync_every), ("trajectories_per_prompt", trajectories_per_prompt),
+                            ("num_inference_steps", num_inference_steps)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"Diffusion-DRO {name} must be a positive integer, got {value!r}")
+        if scheduler not in ("dpmsolver++", "ddpm"):
+            raise ValueError(f"Diffusion-DRO samples on offset timestep grids, which {scheduler!r} cannot follow; "
+                             f"use 'dpmsolver++' or 'ddpm' (samplers: {SAMPLERS})")
+        self.margin = in_range("margin", margin, 0.0)
+        self.resync_every, self.num_samples = int(resync_every), int(trajectories_per_prompt)
+        self.num_inference_steps, self.guidance_scale, self.scheduler = int(num_inference_steps), float(guidance_scale), scheduler
+        self.buffer = TrajectoryBuffer()
+        #: trainable weights of θ_s by parameter name; ``None`` = the live policy (always so when M = 1)
+        self.snapshot: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------------------------------ the loss
+    def __call__(self, adapter: ImageDiffusionAdapter, rows: Sequence[dict], ctx: StepContext):
+        if not isinstance(adapter, ImageDiffusionAdapter):
+            raise TypeError(f"Diffusion-DRO trains text-to-image diffusion: it needs an ImageDiffusionAdapter, got "
+                            f"{type(adapter).__name__}")
+        if self.resync_every > 1 and self.snapshot is None:
+            self._sync(adapter)
+        generator = ctx.generator
+        batch = DemonstrationBatch(adapter.collate(_demonstrations(rows)), size=len(rows)).to(_device(adapter))
+        expert = batch.demonstrations
+        drop = self._draw_drop(adapter, batch.size, generator)
+        if drop.any():
+            expert = adapter.drop_prompts(expert, drop.to(expert["x0"].device))
+        keys = ["" if d else r["prompt"] for r, d in zip(rows, drop.tolist())]
+        self.fill(adapter, keys, generator)
+        own = {k: v.to(expert["x0"].device) for k, v in self.buffer.draw(keys, generator).items()}
+        x0, t = expert["x0"], own["t"]
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
+        sched, ptype = adapter.noise_scheduler, adapter.prediction_type
+        x_t = torch.cat([sched.add_noise(x0, eps, t), own["x_t"].to(x0.dtype)])
+        target = torch.cat([denoising_target(sched, x0, eps, t, ptype), own_target(adapter, own)])
+        conditions = adapter.concat([{**expert, "x0": None}, {**{k: own.get(k) for k in COND_KEYS}, "x0": None}])
+        scores = adapter.score_at(conditions, x_t, torch.cat([t, t]), target)
+        chosen, rejected = scores.split([batch.size, batch.size])
+        loss = diffusion_dro(chosen.policy, rejected.policy, chosen.reference, rejected.reference, margin=self.margin)
+        expert_gap = (chosen.reference - chosen.policy).detach()  # Le_θ − Le_ref (errors are −scores)
+        sample_gap = (rejected.reference - rejected.policy).detach()  # Lp_θ − Lp_ref
+        metrics = {
+            "dro/active_fraction": (self.margin + expert_gap - sample_gap > 0).float().mean(),
+            "dro/expert_gap": expert_gap.mean(),
+            "dro/sample_gap": sample_gap.mean(),
+            "dro/buffer_trajectories": torch.tensor(float(len(self.buffer))),
+        }
+        return loss, metrics
+
+    def _draw_drop(self, adapter: ImageDiffusionAdapter, size: int, generator: torch.Generator) -> torch.Tensor:
+        """Rows whose condition is dropped (expert and own sample both use the empty prompt), in training mode."""
+        p = adapter.prompt_dropout if adapter.unwrapped_policy.training else 0.0
+        if p <= 0:
+            return torch.zeros(size, dtype=torch.bool)
+        return torch.rand(size, generator=generator, device=generator.device).cpu() < p
+
+    # ------------------------------------------------------------------------------------------ sampling
+    def fill(self, adapter: ImageDiffusionAdapter, prompts: Sequence[str], generator: torch.Generator | None) -> None:
+        """Sample K snapshot trajectories on offset grids for every prompt that has none in the buffer."""
+        missing = self.buffer.missing(prompts)
+        if not missing:
+            return
+        grids = self.offset_grids(adapter, len(missing) * self.num_samples, generator)
+        with self._snapshot_weights(adapter):
+            out = adapter.sample(missing, self.num_samples, generator=generator, num_inference_steps=self.num_inference_steps,
+                                 guidance_scale=self.guidance_scale, scheduler=self.scheduler, return_trajectory=True,
+                                 timesteps=grids, decode=False)
+        states = out["trajectory"]
+        entries = {key: torch.stack([getattr(s, key) for s in states], dim=1) for key in STATE_KEYS}
+        entries.update({key: out[key] for key in COND_KEYS if out.get(key) is not None})
+        self.buffer.add([p for p in missing for _ in range(self.num_samples)], entries)
+
+    def offset_grids(self, adapter: ImageDiffusionAdapter, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``[n, S]`` descending grids ``t_k = k·r + o``, r = ⌊T / S⌋, one offset ``o ~ U{0, …, r−1}`` per row."""
+        num_train, steps = adapter.noise_scheduler.config.num_train_timesteps, self.num_inference_steps
+        if steps > num_train:
+            raise ValueError(f"num_inference_steps={steps} exceeds the model's {num_train} training timesteps")
+        ratio = num_train // steps
+        device = generator.device if generator is not None else torch.device("cpu")
+        offsets = torch.randint(0, ratio, (n, 1), generator=generator, device=device).cpu()
+        return torch.arange(steps - 1, -1, -1).unsqueeze(0) * ratio + offsets
+
+    @contextmanager
+    def _snapshot_weights(self, adapter: ImageDiffusionAdapter) -> Iterator[None]:
+        """Swap the snapshot's tensors into the policy's trainable parameters for the duration (by pointer)."""
+        if self.snapshot is None:
+            yield
+            return
+        params = _trainable(adapter)
+        if set(params) != set(self.snapshot):
+            raise ValueError("the sampler snapshot does not match the policy's trainable parameters (a checkpoint "
+                             "from another model or LoRA setting?)")
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def _swap(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for name, param in params.items():
+            live, param.data = param.data, self.snapshot[name].to(param.device, param.dtype)
+            self.snapshot[name] = live
+
+    def _sync(self, adapter: ImageDiffusionAdapter) -> None:
+        self.snapshot = {name: p.detach().clone() for name, p in _trainable(adapter).items()}
+
+    # ------------------------------------------------------------------------------------------ trainer hooks
+    def on_optimizer_step(self, adapter: ImageDiffusionAdapter, global_step: int) -> None:
+        """Every M optimizer steps: θ_s ← θ and the buffer is emptied (refilled by the next call's prompts)."""
+        if global_step % self.resync_every == 0:
+            self.buffer.clear()
+            if self.resync_every > 1:
+                self._sync(adapter)
+
+    def checkpoint_state(self) -> list[Any]:
+        return [self]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"snapshot": dict(self.snapshot) if self.snapshot is not None else None, "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.snapshot = dict(state["snapshot"]) if state["snapshot"] is not None else None
+        self.buffer.load_state_dict(state["buffer"])
+
+
+def own_target(adapter: ImageDiffusionAdapter, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The snapshot's raw prediction at a buffer state, in the model's parameterisation, from its epsilon form ε̂:
+    ε̂ itself, or x̂0 = (x_t − σ_t·ε̂)/α_t and v = α_t·ε̂ − σ_t·x̂0 (see the module docstring)."""
+    x_t, t, eps_hat = state["x_t"], state["t"], state["eps_hat"]
+    if adapter.prediction_type == "epsilon":
+        return eps_hat.to(x_t.dtype)
+    alphas_cumprod = adapter.noise_scheduler.alphas_cumprod.to(x_t.device, torch.float32)[t.long()]
+    shape = (-1,) + (1,) * (x_t.ndim - 1)
+    alpha, sigma = alphas_cumprod.sqrt().view(shape), (1 - alphas_cumprod).sqrt().view(shape)
+    x0_hat = (x_t.float() - sigma * eps_hat.float()) / alpha
+    return denoising_target(adapter.noise_scheduler, x0_hat, eps_hat.float(), t, adapter.prediction_type).to(x_t.dtype)
+
+
+def _demonstrations(rows: Sequence[dict]) -> list[dict[str, Any]]:
+    """Rows as collate records; pairwise rows are refused with a pointer to the demonstration builder."""
+    records = []
+    for i, r in enumerate(rows):
+        if "response" not in r and "chosen" in r:
+            raise ValueError(f"row {r.get('row', i)}: Diffusion-DRO trains on expert demonstrations {{prompt, response}}, "
+                             "got a preference pair; pick experts with genalign.online.pairs.demonstration_set or map "
+                             "'chosen' to 'response'")
+        records.append({"prompt": r.get("prompt"), "response": r.get("response"), "row": r.get("row", i)})
+    return records
+
+
+def _trainable(adapter: ImageDiffusionAdapter) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
+
+
+def _device(adapter: ImageDiffusionAdapter) -> torch.device:
+    return next(adapter.policy.parameters()).device
