@@ -6,6 +6,7 @@ resolved ``config.yaml``, checkpoints, ``log.jsonl``, ``training_curve.png`` and
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ if not OmegaConf.has_resolver("asset"):
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build adapter, data, objective step and evaluator from ``cfg`` and train; returns the metrics."""
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -63,3 +65,7 @@ def format_before_after(metrics: dict[str, Any]) -> str:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def train_main(cfg: DictConfig) -> None:
     run(cfg)
+
+
+if __name__ == "__main__":
+    train_main()
