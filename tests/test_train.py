@@ -112,3 +112,34 @@ def test_missing_field_names_row_and_field(tmp_path):
     rows = [{"prompt": 0, "chosen": 1, "rejected": 2, "row": 0}, {"prompt": 1, "chosen": 2, "row": 1}]
     with pytest.raises(ValueError, match=r"row 1 has no field 'rejected'"):
         Trainer(adapter, build_step("dpo"), rows, cfg).train()
+
+
+def test_bf16_mixed_precision_trains_in_a_fresh_process(tmp_path):
+    """accelerate's bf16 autocast on CPU: same ln 2 start, the loss still falls (own process: accelerate's
+    state is a per-process singleton)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "bf16.py"
+    script.write_text(
+        "import math, pathlib, sys\n"
+        f"sys.path.insert(0, {str(pathlib_root())!r})\n"
+        "from genalign.adapters.tabular import TabularAdapter\n"
+        "from genalign.steps import build_step\n"
+        "from genalign.train import Trainer, TrainConfig\n"
+        "from tests.test_train import pair_rows\n"
+        f"cfg = TrainConfig(output_dir={str(tmp_path / 'bf16')!r}, max_steps=20, batch_size=4, learning_rate=0.05, mixed_precision='bf16')\n"
+        "h = Trainer(TabularAdapter(3, 4), build_step('dpo', beta=0.5), pair_rows(), cfg).train()['history']\n"
+        "assert abs(h[0]['loss'] - math.log(2)) < 1e-6, h[0]\n"
+        "assert h[-1]['loss'] < 0.8 * math.log(2), h[-1]\n"
+        "print('ok', h[0]['loss'], h[-1]['loss'])\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")
+
+
+def pathlib_root():
+    import pathlib
+
+    return pathlib.Path(__file__).resolve().parents[1]
