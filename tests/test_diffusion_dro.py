@@ -71,7 +71,7 @@ def test_buffer_states_are_the_snapshots_own_offset_trajectory(prediction_type):
     t = buffer.tensors["t"]
     offsets = t[:, -1]
     assert ((offsets >= 0) & (offsets < 5)).all() and len(offsets.unique()) > 1
-    assert torch.equal(t, torch.arange(19, -1, -1) * 5 + offsets[:, None])  # grid 5k shifted by one offset per trajectory
+    assert torch.equal(t, torch.arange(19, -1, -1) * 5 + offsets[:, None])  # grid 5k + one offset per trajectory
     assert len(t.unique()) > 20  # more timesteps than the 20 grid points are visited
 
     sched_config = adapter.noise_scheduler.config
@@ -229,8 +229,9 @@ def test_adapter_sampling_on_custom_grids():
     per_sample = draw(timesteps=torch.tensor([[90, 60, 30, 0], [90, 60, 30, 0]]), decode=False)
     assert "images" in shared and "images" not in per_sample
     torch.testing.assert_close(shared["x0"], per_sample["x0"], atol=0, rtol=0)
-    mixed = draw(timesteps=torch.tensor([[90, 60, 30, 0], [99, 50, 10, 5]]), return_trajectory=True)
-    assert torch.equal(torch.stack([s.t for s in mixed["trajectory"]], 1), torch.tensor([[90, 60, 30, 0], [99, 50, 10, 5]]))
+    grids = torch.tensor([[90, 60, 30, 0], [99, 50, 10, 5]])
+    mixed = draw(timesteps=grids, return_trajectory=True)
+    assert torch.equal(torch.stack([s.t for s in mixed["trajectory"]], 1), grids)
     torch.testing.assert_close(mixed["x0"][0], shared["x0"][0])  # a sample's path depends only on its own grid
     with pytest.raises(ValueError, match="strictly descending"):
         draw(timesteps=torch.tensor([0, 30, 60]))

@@ -154,7 +154,8 @@ class DiffusionDROStep(Step):
                              f"use 'dpmsolver++' or 'ddpm' (samplers: {SAMPLERS})")
         self.margin = in_range("margin", margin, 0.0)
         self.resync_every, self.num_samples = int(resync_every), int(trajectories_per_prompt)
-        self.num_inference_steps, self.guidance_scale, self.scheduler = int(num_inference_steps), float(guidance_scale), scheduler
+        self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
+        self.scheduler = scheduler
         self.buffer = TrajectoryBuffer()
         #: trainable weights of θ_s by parameter name; ``None`` = the live policy (always so when M = 1)
         self.snapshot: dict[str, torch.Tensor] | None = None
@@ -209,9 +210,9 @@ class DiffusionDROStep(Step):
             return
         grids = self.offset_grids(adapter, len(missing) * self.num_samples, generator)
         with self._snapshot_weights(adapter):
-            out = adapter.sample(missing, self.num_samples, generator=generator, num_inference_steps=self.num_inference_steps,
+            out = adapter.sample(missing, self.num_samples, generator=generator, timesteps=grids,
                                  guidance_scale=self.guidance_scale, scheduler=self.scheduler, return_trajectory=True,
-                                 timesteps=grids, decode=False)
+                                 decode=False)
         states = out["trajectory"]
         entries = {key: torch.stack([getattr(s, key) for s in states], dim=1) for key in STATE_KEYS}
         entries.update({key: out[key] for key in COND_KEYS if out.get(key) is not None})
@@ -263,7 +264,8 @@ class DiffusionDROStep(Step):
         return [self]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"snapshot": dict(self.snapshot) if self.snapshot is not None else None, "buffer": self.buffer.state_dict()}
+        snapshot = dict(self.snapshot) if self.snapshot is not None else None
+        return {"snapshot": snapshot, "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.snapshot = dict(state["snapshot"]) if state["snapshot"] is not None else None
@@ -288,8 +290,8 @@ def _demonstrations(rows: Sequence[dict]) -> list[dict[str, Any]]:
     records = []
     for i, r in enumerate(rows):
         if "response" not in r and "chosen" in r:
-            raise ValueError(f"row {r.get('row', i)}: Diffusion-DRO trains on expert demonstrations {{prompt, response}}, "
-                             "got a preference pair; pick experts with genalign.online.pairs.demonstration_set or map "
+            raise ValueError(f"row {r.get('row', i)}: Diffusion-DRO trains on expert demonstrations "
+                             "{prompt, response}, got a preference pair; pick experts with genalign.online.pairs.demonstration_set or map "
                              "'chosen' to 'response'")
         records.append({"prompt": r.get("prompt"), "response": r.get("response"), "row": r.get("row", i)})
     return records
