@@ -101,7 +101,7 @@ def test_unknown_objective_and_parameter_are_named():
     with pytest.raises(ValueError, match="unknown objective 'dpoo'"):
         build_step("dpoo")
     with pytest.raises(ValueError, match="needs its method's own sampling step"):
-        build_step("diffusion_dro")
+        build_step("direct_reward")  # no step yet (diffusion_dro and sopo are online steps now)
     with pytest.raises(ValueError, match=r"does not take \['betta'\]"):
         build_step("dpo", betta=0.1)
 
