@@ -121,24 +121,25 @@ def build_step(name: str, **params: Any):
     """The loss step for objective ``name`` with its hyper-parameters (from the objective config)."""
     if name in ONLINE_STEPS:
         module, _, attr = ONLINE_STEPS[name].partition(":")
-        return getattr(importlib.import_module(module), attr)(**params)
+        cls = getattr(importlib.import_module(module), attr)
+        _reject_unknown(name, params, set(inspect.signature(cls).parameters))
+        return cls(**params)
     if name not in OFFLINE_STEPS:
         known = sorted(objectives.OBJECTIVES)
         if name in known:
             raise ValueError(
-                f"objective {name!r} needs its method's own sampling step (genalign.online), not the offline trainer; "
-                f"offline objectives are {sorted(OFFLINE_STEPS)}"
+                f"objective {name!r} exists as the function genalign.objectives.{name} but has no training step yet; "
+                f"trainable objectives are {sorted([*OFFLINE_STEPS, *ONLINE_STEPS])}"
             )
         raise ValueError(f"unknown objective {name!r}; choose one of {known}")
-    cls = OFFLINE_STEPS[name]
-    _check_params(name, params, cls)
-    return cls(name, **params)
-
-
-def _check_params(name: str, params: dict[str, Any], cls: type) -> None:
     accepted = set(inspect.signature(getattr(objectives, name)).parameters)
     if name == "ipo":
         accepted.add("length_normalize")  # IPO on per-token means, as TRL does
+    _reject_unknown(name, params, accepted)
+    return OFFLINE_STEPS[name](name, **params)
+
+
+def _reject_unknown(name: str, params: dict[str, Any], accepted: set[str]) -> None:
     unknown = set(params) - accepted
     if unknown:
         raise ValueError(f"objective {name!r} does not take {sorted(unknown)}; it takes {sorted(accepted)}")

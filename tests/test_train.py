@@ -100,10 +100,12 @@ def test_non_finite_loss_stops_with_step_and_rows(tmp_path):
 def test_unknown_objective_and_parameter_are_named():
     with pytest.raises(ValueError, match="unknown objective 'dpoo'"):
         build_step("dpoo")
-    with pytest.raises(ValueError, match="needs its method's own sampling step"):
-        build_step("direct_reward")  # no step yet (diffusion_dro and sopo are online steps now)
+    with pytest.raises(ValueError, match="has no training step yet"):
+        build_step("direct_reward")
     with pytest.raises(ValueError, match=r"does not take \['betta'\]"):
         build_step("dpo", betta=0.1)
+    with pytest.raises(ValueError, match=r"'diffusion_dro' does not take \['beta'\]"):
+        build_step("diffusion_dro", beta=0.1)
 
 
 def test_missing_field_names_row_and_field(tmp_path):
