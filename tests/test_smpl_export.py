@@ -144,6 +144,10 @@ def test_a_file_that_is_not_a_smpl_model_is_refused_with_the_missing_keys(tmp_pa
     garbage.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="could not read it as a SMPL model"):
         load_smpl_model(garbage)
+    chumpy = tmp_path / "SMPL_MALE.pkl"  # the distributed files pickle some arrays as chumpy.ch.Ch objects
+    chumpy.write_bytes(b"\x80\x02cchumpy_not_installed.ch\nCh\nq\x00.")
+    with pytest.raises(RuntimeError, match="chumpy objects: install chumpy"):
+        load_smpl_model(tmp_path, gender="male")
 
 
 # ------------------------------------------------------------------------------------------------------ fitting
