@@ -8,6 +8,7 @@ half-written checkpoint; resuming restores model, optimizer, scheduler, every RN
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -128,7 +129,7 @@ class Trainer:
         if cfg.log_with:
             acc.init_trackers(self.output_dir.name, config=_flat(asdict(cfg)))
         if not (cfg.resume and self._resume()):
-            self.metrics["before"] = self._evaluate()
+            self.metrics["before"] = self._evaluate("before")
             self._write_metrics()
         if cfg.cache_reference:
             self._cache_reference_scores()
@@ -141,7 +142,7 @@ class Trainer:
             self._after_step(logs)
         bar.close()
         if "after" not in self.metrics:
-            self.metrics["after"] = self._evaluate()
+            self.metrics["after"] = self._evaluate("after")
         self.metrics["history"] = self.history
         self._write_metrics()
         if acc.is_main_process:
@@ -188,9 +189,9 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         logs["step"] = self.global_step
         if self.global_step == cfg.max_steps:
-            self.metrics["after"] = self._evaluate()
+            self.metrics["after"] = self._evaluate("after")
         elif cfg.eval_every and self.global_step % cfg.eval_every == 0:
-            logs.update({f"eval/{k}": v for k, v in self._evaluate().items()})
+            logs.update({f"eval/{k}": v for k, v in self._evaluate(f"step-{self.global_step:08d}").items()})
         self.history.append(logs)
         if cfg.log_with:
             acc.log(logs, step=self.global_step)
@@ -201,15 +202,20 @@ class Trainer:
             self.save_checkpoint()
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, tag: str) -> dict[str, float]:
+        """Run the evaluator; one that takes ``tag`` and ``output_dir`` keywords may also write pictures there
+        (sample grids named by the tag: "before", "step-N", "after")."""
         if self.evaluate is None:
             return {}
+        extra = {}
+        if {"tag", "output_dir"} <= set(inspect.signature(self.evaluate).parameters):
+            extra = {"tag": tag, "output_dir": self.output_dir if self.accelerator.is_main_process else None}
         model = self.adapter.policy
         model.eval()
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         # evaluation draws its own randomness: it must not shift the training RNG streams
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
-            result = {k: float(v) for k, v in self.evaluate(self.adapter).items()}
+            result = {k: float(v) for k, v in self.evaluate(self.adapter, **extra).items()}
         model.train()
         return result
 

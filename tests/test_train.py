@@ -145,3 +145,18 @@ def pathlib_root():
     import pathlib
 
     return pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_evaluator_taking_tag_and_output_dir_gets_them(tmp_path):
+    seen = []
+
+    def evaluate(adapter, *, tag, output_dir):
+        seen.append(tag)
+        (output_dir / f"grid-{tag}.txt").write_text(tag)
+        return {"p": float(adapter.probs()[0, 0])}
+
+    trainer = make_trainer(tmp_path, max_steps=4, evaluate=evaluate)
+    trainer.cfg.eval_every = 2
+    trainer.train()
+    assert seen == ["before", "step-00000002", "after"]
+    assert (tmp_path / "run" / "grid-after.txt").read_text() == "after"
