@@ -6,13 +6,14 @@ resolved ``config.yaml``, checkpoints, ``log.jsonl``, ``training_curve.png`` and
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from genalign.steps import build_step
@@ -44,12 +45,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
     step = build_step(**objective)
     adapter = instantiate(cfg.adapter)
-    rows = instantiate(cfg.data.train)
+    rows = build_rows(cfg.data.train, adapter)
     evaluator = instantiate(cfg.evaluator) if cfg.get("evaluator") else None
     train_cfg = TrainConfig(output_dir=str(out), **OmegaConf.to_container(cfg.train, resolve=True))
     metrics = Trainer(adapter, step, rows, train_cfg, evaluate=evaluator).train()
     print(format_before_after(metrics))
     return metrics
+
+
+def build_rows(data_cfg: DictConfig, adapter: Any) -> list[dict[str, Any]]:
+    """Instantiate the training rows; a builder whose signature takes ``adapter`` gets the adapter about to be
+    trained (still the base model), e.g. to draw the base model's samples for AI feedback."""
+    builder = get_object(data_cfg._target_) if "_target_" in data_cfg else None
+    if callable(builder) and "adapter" in inspect.signature(builder).parameters:
+        return instantiate(data_cfg, adapter=adapter)
+    return instantiate(data_cfg)
 
 
 def format_before_after(metrics: dict[str, Any]) -> str:
