@@ -87,6 +87,13 @@ class Adapter(abc.ABC):
         """The policy without DDP/FSDP/compile wrappers (for ``disable_adapter``, saving, generation)."""
         return extract_model_from_parallel(self.policy)
 
+    def reference_copy_on_policy_device(self, reference: torch.nn.Module) -> torch.nn.Module:
+        """A frozen reference copy, moved to the policy's device the first time it is used after a move."""
+        device = next(self.unwrapped_policy.parameters()).device
+        if next(reference.parameters()).device != device:
+            reference.to(device)
+        return reference
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
 

@@ -352,10 +352,7 @@ class ImageDiffusionAdapter(Adapter):
             finally:
                 unet.enable_adapters()
         else:
-            device = next(self.unwrapped_policy.parameters()).device
-            if next(self.reference.parameters()).device != device:
-                self.reference.to(device)
-            yield self.reference
+            yield self.reference_copy_on_policy_device(self.reference)
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()

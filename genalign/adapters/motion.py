@@ -223,10 +223,7 @@ class MotionAdapter(Adapter):
             with self.unwrapped_policy.disable_adapter():
                 yield self.unwrapped_policy
             return
-        device = next(self.unwrapped_policy.parameters()).device
-        if next(self.reference.parameters()).device != device:
-            self.reference.to(device)
-        yield self.reference
+        yield self.reference_copy_on_policy_device(self.reference)
 
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
