@@ -40,14 +40,19 @@ def finished(path: Path) -> dict | None:
     return metrics if "after" in metrics and "before" in metrics else None
 
 
-def launch(method: str, seed: int, out: Path, overrides: list[str]) -> float:
-    """One experiment in a subprocess; returns its wall time in seconds (raises if it fails)."""
+def launch(method: str, seed: int, out: Path, overrides: list[str]) -> None:
+    """One experiment in a subprocess (raises if it fails); its wall time goes to ``out/wall_seconds.txt``."""
     command = [sys.executable, "-m", "genalign.cli", f"experiment=digits_{method}", f"train.seed={seed}",
                f"output_dir={out}", *overrides]  # fmt: skip
     print("$", " ".join(command), flush=True)
     start = time.time()
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    return time.time() - start
+    (out / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+
+
+def wall_seconds(path: Path) -> float | None:
+    file = path / "wall_seconds.txt"
+    return float(file.read_text()) if file.exists() else None
 
 
 def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
@@ -64,6 +69,7 @@ def summarise(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, dict[s
 
 
 def markdown(table: dict, results: dict[str, dict[int, dict]], walls: dict[str, list[float]], command: str) -> str:
+    """The table; ``walls``: method -> wall seconds of its runs (those launched by this script)."""
     lines = [
         "# Digits demo: Diffusion-DRO vs Diffusion-DPO vs Diffusion-KTO",
         "",
@@ -85,7 +91,8 @@ def markdown(table: dict, results: dict[str, dict[int, dict]], walls: dict[str, 
         seeds = ", ".join(str(s) for s in sorted(results[method]))
         lines.append(f"| {METHODS[method]} | {seeds} | " + " | ".join(cells) + " |")
     if any(walls.values()):
-        lines += ["", "Wall time per run launched by this invocation (seconds, CPU): " + "; ".join(
+        lines += ["", "Wall time per run (seconds, whole `genalign-train` process incl. both evaluations, on the shared "
+                  "CPU): " + "; ".join(
             f"{METHODS[m]} {', '.join(f'{w:.0f}' for w in ws)}" for m, ws in walls.items() if ws) + "."]
     return "\n".join(lines) + "\n"
 
@@ -125,7 +132,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run, e.g. train.max_steps=50")
     args = parser.parse_args()
 
-    walls: dict[str, list[float]] = {m: [] for m in args.methods}
     if not args.no_run:
         for seed in args.seeds:  # seed-major, so an interrupted comparison still covers every method
             for method in args.methods:
@@ -135,9 +141,11 @@ def main() -> None:
                 if args.deadline is not None and time.time() > args.deadline:
                     print(f"deadline passed: not launching {method} seed {seed}", flush=True)
                     continue
-                walls[method].append(launch(method, seed, out, args.overrides))
+                launch(method, seed, out, args.overrides)
     results = {m: {s: r for s in args.seeds if (r := finished(run_dir(args.runs, m, s)))} for m in args.methods}
     results = {m: by_seed for m, by_seed in results.items() if by_seed}
+    walls = {m: [w for s in sorted(by_seed) if (w := wall_seconds(run_dir(args.runs, m, s))) is not None]
+             for m, by_seed in results.items()}
     if not results:
         raise SystemExit(f"no finished runs under {args.runs}; run without --no-run first")
     table = summarise(results)
