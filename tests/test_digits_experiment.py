@@ -25,7 +25,8 @@ SHORT = [
 SHORT_DATA = {
     "digits_dro": ["data.train.top_k=16", "objective.num_inference_steps=2"],
     "digits_dpo": ["data.train.prompts_per_caption=1", "data.train.num_samples=2"],
-    "digits_kto": ["data.train.prompts_per_caption=1", "data.train.num_samples=2"],
+    # weight 1 for likes too, so every sample's loss at step 0 is the same sigma(0)
+    "digits_kto": ["data.train.prompts_per_caption=1", "data.train.num_samples=2", "objective.desirable_weight=1.0"],
 }
 #: the loss at step 0, where policy == reference: relu(0 + m) for DRO, ln 2 for DPO, sigma(0) for KTO
 LOSS_AT_INIT = {"digits_dro": 1e-3, "digits_dpo": math.log(2), "digits_kto": 0.5}
