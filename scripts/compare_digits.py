@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--no-run", action="store_true", help="only tabulate runs that already finished")
     parser.add_argument("--deadline", type=float, default=None,
                         help="Unix time after which no new run is launched (what finished is still tabulated)")
+    parser.add_argument("--note", default="", help="a paragraph of observations appended to the markdown")
     parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run, e.g. train.max_steps=50")
     args = parser.parse_args()
 
@@ -149,9 +150,9 @@ def main() -> None:
     if not results:
         raise SystemExit(f"no finished runs under {args.runs}; run without --no-run first")
     table = summarise(results)
-    command = "python scripts/compare_digits.py " + " ".join(sys.argv[1:])
-    (args.docs / "digits_comparison.md").parent.mkdir(parents=True, exist_ok=True)
-    (args.docs / "digits_comparison.md").write_text(markdown(table, results, walls, command.strip()))
+    args.docs.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, results, walls, "python scripts/compare_digits.py --seeds " + " ".join(map(str, args.seeds)))
+    (args.docs / "digits_comparison.md").write_text(text + (f"\n{args.note}\n" if args.note else ""))
     bar_chart(table, args.docs / "digits_comparison.png")
     print((args.docs / "digits_comparison.md").read_text())
 
