@@ -114,6 +114,8 @@ OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, KTOStep) for name in cls.na
 ONLINE_STEPS = {
     "sopo": "genalign.online.sopo:SoPoStep",
     "diffusion_dro": "genalign.online.diffusion_dro:DiffusionDROStep",
+    "dro": "genalign.online.dro:DROStep",
+    "pmpo": "genalign.online.pmpo:PMPOStep",
 }
 
 

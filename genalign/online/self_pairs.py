@@ -1,0 +1,102 @@
+"""Shared pieces of the methods that pair up the policy's own samples (SeRA, OSP, DR-PO, inverse alignment) and of
+PMPO's KL estimate: rows -> prompts, ``[B*K]`` scores -> ``[B, K]``, best/worst selection and a frozen snapshot θ_s
+of the policy. Drawing and indexing samples is :mod:`genalign.online.rollouts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from genalign.adapters.base import Adapter
+from genalign.types import Scores
+
+
+def prompts_of(rows: Sequence[dict]) -> list[Any]:
+    """The ``prompt`` of every row (what ``adapter.sample`` takes as conditions); a missing one raises naming the row."""
+    missing = [r.get("row", i) for i, r in enumerate(rows) if r.get("prompt") is None]
+    if missing:
+        raise ValueError(f"rows {missing[:10]} have no 'prompt' field; every row needs the condition to sample from")
+    return [r["prompt"] for r in rows]
+
+
+def grouped(scores: Scores, groups: int, k: int) -> Scores:
+    """Flat prompt-major scores ``[B*K]`` as ``[B, K]`` views (gradients kept)."""
+    def view(t):
+        return None if t is None else t.view(groups, k)
+
+    return Scores(view(scores.policy), view(scores.reference), view(scores.lengths))
+
+
+def pick(scores: Scores, rows: torch.Tensor, cols: torch.Tensor) -> Scores:
+    """Entries ``[rows[i], cols[i]]`` of ``[B, K]`` scores (see :func:`grouped`), gradients kept."""
+    def sel(t):
+        return None if t is None else t[rows.to(t.device), cols.to(t.device)]
+
+    return Scores(sel(scores.policy), sel(scores.reference), sel(scores.lengths))
+
+
+def best_worst(judged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """For judge scores ``[B, K]``: ``(rows, best, worst, ties)`` over the prompts whose best and worst differ.
+
+    A prompt whose K samples all score the same carries no preference: it is left out and counted in ``ties``.
+    """
+    keep = judged.amax(1) > judged.amin(1)
+    rows = keep.nonzero().flatten()
+    return rows, judged.argmax(1)[rows], judged.argmin(1)[rows], int((~keep).sum())
+
+
+def zero_loss(scores: Scores) -> torch.Tensor:
+    """A one-element zero loss still attached to the policy's graph (a batch without any usable pair)."""
+    return scores.policy.reshape(-1)[:1].float() * 0.0
+
+
+class PolicySnapshot:
+    """A frozen copy θ_s of the policy's trainable parameters, swapped in by pointer for sampling or judging.
+
+    Only trainable tensors are copied (the LoRA adapters when training with LoRA). ``state_dict`` holds them so a
+    resumed run judges with the same snapshot.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] | None = None
+
+    def sync(self, adapter: Adapter) -> None:
+        """θ_s ← θ."""
+        self.tensors = {name: p.detach().clone() for name, p in _trainable(adapter).items()}
+
+    @contextlib.contextmanager
+    def swapped(self, adapter: Adapter) -> Iterator[None]:
+        """Inside the block the policy computes with θ_s; the live weights come back afterwards."""
+        if self.tensors is None:
+            raise RuntimeError("the policy snapshot is empty; call sync(adapter) first")
+        params = _trainable(adapter)
+        if set(params) != set(self.tensors):
+            raise ValueError("the policy snapshot does not match the policy's trainable parameters (a checkpoint from "
+                             "another model or LoRA setting?)")
+        self._swap(params)
+        try:
+            yield
+        finally:
+            self._swap(params)
+
+    def _swap(self, params: dict[str, torch.nn.Parameter]) -> None:
+        for name, param in params.items():
+            live, param.data = param.data, self.tensors[name].to(param.device, param.dtype)
+            self.tensors[name] = live
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tensors": None if self.tensors is None else dict(self.tensors)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tensors = None if state["tensors"] is None else dict(state["tensors"])
+
+
+def device_of(adapter: Adapter) -> torch.device:
+    return next(adapter.unwrapped_policy.parameters()).device
+
+
+def _trainable(adapter: Adapter) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
