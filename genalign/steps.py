@@ -116,6 +116,11 @@ ONLINE_STEPS = {
     "diffusion_dro": "genalign.online.diffusion_dro:DiffusionDROStep",
     "dro": "genalign.online.dro:DROStep",
     "pmpo": "genalign.online.pmpo:PMPOStep",
+    "oaif": "genalign.online.oaif:OAIFStep",
+    "ipo_md": "genalign.online.oaif:IPOMDStep",
+    "nash_md": "genalign.online.nash_md:NashMDStep",
+    "hypo": "genalign.online.hypo:HyPOStep",
+    "selm": "genalign.online.selm:SELMStep",
 }
 
 
