@@ -121,6 +121,10 @@ ONLINE_STEPS = {
     "nash_md": "genalign.online.nash_md:NashMDStep",
     "hypo": "genalign.online.hypo:HyPOStep",
     "selm": "genalign.online.selm:SELMStep",
+    "sera": "genalign.online.sera:SeRAStep",
+    "osp": "genalign.online.osp:OSPStep",
+    "drpo": "genalign.online.drpo:DRPOStep",
+    "inverse_alignment": "genalign.online.inverse_alignment:InverseAlignmentStep",
 }
 
 

@@ -26,7 +26,7 @@ from genalign.data.batching import labelled_batch
 from genalign.data.single_trajectory import check_reward_range
 from genalign.objectives._checks import positive
 from genalign.online.hashed import HashedTextNet
-from genalign.online.self_pairs import device_of, prompts_of
+from genalign.online import draws
 from genalign.steps import Step, StepContext
 
 
@@ -53,14 +53,14 @@ class DROStep(Step):
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         if self.reward_range is not None:
             check_reward_range(rows, *self.reward_range)
-        batch = labelled_batch(adapter, rows).to(device_of(adapter))
+        batch = labelled_batch(adapter, rows).to(draws.device(adapter))
         if batch.reward is None:
             raise ValueError("DRO needs a scalar 'reward' field on every row (single-trajectory feedback)")
         scores = adapter.score(batch.samples, groups=torch.arange(batch.size), generator=ctx.generator)
         reference = scores.reference if batch.reference is None else batch.reference
         if reference is None:
             raise ValueError("DRO regularises towards a reference model; the adapter has none (reference='none')")
-        value = self.value.to(scores.policy.device)(prompts_of(rows))
+        value = self.value.to(scores.policy.device)(draws.prompts(rows))
         loss = objectives.direct_reward(scores.policy, reference, batch.reward, value, tau=self.tau)
         log_ratio = (scores.policy - reference).detach()
         metrics = {"dro/value": value.detach().mean(), "dro/advantage": (batch.reward - value.detach()).mean(),

@@ -21,7 +21,7 @@ import torch
 from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import labelled_batch, pairs_to_unpaired
-from genalign.online.self_pairs import device_of, prompts_of
+from genalign.online import draws
 from genalign.steps import Step, StepContext, _masked_mean
 
 KL_MODES = ("samples", "exact")
@@ -50,7 +50,7 @@ class PMPOStep(Step):
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         if rows and "chosen" in rows[0]:
             rows = pairs_to_unpaired(rows)
-        batch = labelled_batch(adapter, rows).to(device_of(adapter))
+        batch = labelled_batch(adapter, rows).to(draws.device(adapter))
         if batch.desirable is None:
             raise ValueError("PMPO needs a boolean 'desirable' (or 'label') field on every row: accepted or rejected")
         scores = adapter.score(batch.samples, groups=torch.arange(batch.size), generator=ctx.generator,
@@ -64,14 +64,13 @@ class PMPOStep(Step):
 
     def kl_estimate(self, adapter: Adapter, rows: Sequence[dict], generator: torch.Generator) -> torch.Tensor:
         """KL(ref‖π) per row ``[N]``, differentiable in the policy."""
-        prompts = prompts_of(rows)
+        prompts = draws.prompts(rows)
         if self.kl == "exact":
             if not hasattr(adapter, "reverse_kl"):
                 raise ValueError(f"kl='exact' needs an adapter with reverse_kl() (tabular); {type(adapter).__name__} "
                                  "has none: use kl='samples'")
             return adapter.reverse_kl()[torch.as_tensor(prompts, dtype=torch.long)]
-        samples = adapter.sample(prompts, self.kl_samples, generator=generator, use_reference=True,
-                                 **self.sample_kwargs)
+        samples = draws.draw(adapter, prompts, self.kl_samples, generator, use_reference=True, **self.sample_kwargs)
         n, k = len(prompts), self.kl_samples
         scores = adapter.score(samples, groups=torch.arange(n * k), generator=generator)
         return (scores.reference - scores.policy).view(n, k).mean(1)

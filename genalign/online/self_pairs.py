@@ -1,6 +1,6 @@
-"""Shared pieces of the methods that pair up the policy's own samples (SeRA, OSP, DR-PO, inverse alignment) and of
-PMPO's KL estimate: rows -> prompts, ``[B*K]`` scores -> ``[B, K]``, best/worst selection and a frozen snapshot θ_s
-of the policy. Drawing and indexing samples is :mod:`genalign.online.rollouts`.
+"""Shared pieces of the methods that pair up the policy's own samples (SeRA, OSP, DR-PO, inverse alignment):
+``[B*K]`` scores -> ``[B, K]``, best/worst selection and a frozen snapshot θ_s of the policy. Drawing and indexing
+samples is :mod:`genalign.online.draws`.
 """
 
 from __future__ import annotations
@@ -12,14 +12,6 @@ import torch
 
 from genalign.adapters.base import Adapter
 from genalign.types import Scores
-
-
-def prompts_of(rows: Sequence[dict]) -> list[Any]:
-    """The ``prompt`` of every row (what ``adapter.sample`` takes as conditions); a missing one raises naming the row."""
-    missing = [r.get("row", i) for i, r in enumerate(rows) if r.get("prompt") is None]
-    if missing:
-        raise ValueError(f"rows {missing[:10]} have no 'prompt' field; every row needs the condition to sample from")
-    return [r["prompt"] for r in rows]
 
 
 def grouped(scores: Scores, groups: int, k: int) -> Scores:
@@ -92,10 +84,6 @@ class PolicySnapshot:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.tensors = None if state["tensors"] is None else dict(state["tensors"])
-
-
-def device_of(adapter: Adapter) -> torch.device:
-    return next(adapter.unwrapped_policy.parameters()).device
 
 
 def _trainable(adapter: Adapter) -> dict[str, torch.nn.Parameter]:

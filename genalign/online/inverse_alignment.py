@@ -1,0 +1,175 @@
+"""Inverse alignment: a reward model re-fitted, phase after phase, on the offline preference data closest to the
+current policy, and used to label the policy's own samples in the next online phase.
+
+A reward model fitted once on all offline pairs is accurate where the offline responses lie, which drifts away from
+where the policy samples as it trains. So training runs in phases of ``refit_every`` optimizer steps. At the start of
+each phase the policy is frozen (no gradient), every offline pair (x, y_w, y_l) is scored by how likely the policy
+finds it, c = ½(mean-token log π(y_w|x) + mean-token log π(y_l|x)), and a fresh Bradley–Terry reward model
+
+    min_r  −mean log σ(r(x, y_w) − r(x, y_l))        over the ``subset_fraction`` of pairs with the highest c
+
+is fitted. During the phase each step draws K responses per prompt from the policy, the reward model picks the best
+and the worst, and the policy takes a DPO step on that pair (prompts whose K rewards tie are skipped and counted; a
+text response that hit the length limit unfinished ranks last and is counted).
+
+The reward model is :class:`~genalign.online.hashed.HashedTextNet` over ``(prompt, response)``; it, the phase
+counter and the refit flag are checkpointed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+
+from genalign import objectives
+from genalign.adapters.base import Adapter
+from genalign.data.batching import pairwise_batch
+from genalign.objectives._checks import in_range, positive
+from genalign.online import draws
+from genalign.online.hashed import HashedTextNet
+from genalign.online.self_pairs import best_worst, grouped, pick, zero_loss
+from genalign.steps import Step, StepContext
+
+
+class InverseAlignmentStep(Step):
+    """Inverse alignment on rows with a ``prompt`` (the online phase's prompts).
+
+    Args:
+        pairs: the offline preference rows ``{"prompt", "chosen", "rejected"}`` (a list, or a hydra spec of a row
+            builder such as ``genalign.data.arithmetic.pairs``).
+        refit_every: optimizer steps per phase.
+        subset_fraction: fraction of the offline pairs, closest to the policy, the reward model is fitted on.
+        num_samples, beta: K samples per prompt and DPO's β.
+        rm_hidden, rm_buckets, rm_lr, rm_epochs, rm_batch_size: the reward model and its fit (Adam).
+        sample_kwargs: extra keyword arguments of ``adapter.sample``.
+    """
+
+    def __init__(self, pairs: Any, *, refit_every: int = 50, subset_fraction: float = 0.5, num_samples: int = 4,
+                 beta: float = 0.1, rm_hidden: int = 0, rm_buckets: int = 2**14, rm_lr: float = 0.05,
+                 rm_epochs: int = 5, rm_batch_size: int = 64, sample_kwargs: dict[str, Any] | None = None):
+        self.pairs = _rows(pairs)
+        for name, value, low in (("refit_every", refit_every, 1), ("num_samples", num_samples, 2),
+                                 ("rm_epochs", rm_epochs, 1), ("rm_batch_size", rm_batch_size, 1)):
+            if int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+        self.refit_every, self.num_samples = int(refit_every), int(num_samples)
+        self.rm_epochs, self.rm_batch_size = int(rm_epochs), int(rm_batch_size)
+        self.subset_fraction = in_range("subset_fraction", subset_fraction, 0.0, 1.0)
+        if self.subset_fraction == 0.0:
+            raise ValueError("subset_fraction must be > 0 (the fraction of offline pairs the reward model is fitted on)")
+        self.beta, self.rm_lr = positive("beta", beta), positive("rm_lr", rm_lr)
+        self.rm_shape = {"buckets": rm_buckets, "hidden": rm_hidden}
+        self.sample_kwargs = dict(sample_kwargs or {})
+        self.reward_model = HashedTextNet(**self.rm_shape)
+        self.phase, self.due = 0, True
+        self.last_fit: dict[str, float] = {}
+
+    def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
+        if self.due:
+            self.refit(adapter, ctx.generator)
+        prompts = draws.prompts(rows)
+        n, k = len(prompts), self.num_samples
+        samples = draws.draw(adapter, prompts, k, ctx.generator, **self.sample_kwargs)
+        responses = draws.responses(samples)
+        with torch.no_grad():
+            reward = self.reward_model([(prompts[q // k], r) for q, r in enumerate(responses)]).float().cpu().view(n, k)
+        ended = draws.ended(adapter, samples).view(n, k)
+        reward = torch.where(ended, reward, reward.min() - 1.0)
+        flat = adapter.score(samples, groups=torch.arange(n * k), generator=ctx.generator)
+        rows_, best, worst, ties = best_worst(reward)
+        metrics = {"inverse/phase": float(self.phase), "inverse/reward": reward.mean(), "inverse/ties": float(ties),
+                   "inverse/unfinished": float((~ended).sum()), **self.last_fit}
+        if rows_.numel() == 0:
+            return zero_loss(flat), metrics
+        scores = grouped(flat, n, k)
+        w, l = pick(scores, rows_, best), pick(scores, rows_, worst)
+        loss = objectives.dpo(w.policy, l.policy, w.reference, l.reference, beta=self.beta)
+        metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------ the refit
+    @torch.no_grad()
+    def closeness(self, adapter: Adapter, batch_size: int = 256) -> torch.Tensor:
+        """c per offline pair ``[P]``: the frozen policy's mean per-token log-likelihood of both responses."""
+        out = []
+        for start in range(0, len(self.pairs), batch_size):
+            batch = pairwise_batch(adapter, self.pairs[start : start + batch_size]).to(draws.device(adapter))
+            chosen, rejected = adapter.score_pairs(batch)
+            out.append(0.5 * (chosen.mean_policy + rejected.mean_policy).float().cpu())
+        return torch.cat(out)
+
+    def refit(self, adapter: Adapter, generator: torch.Generator) -> None:
+        """Fit a fresh reward model on the ``subset_fraction`` of offline pairs closest to the frozen policy."""
+        model = adapter.unwrapped_policy
+        was_training = model.training
+        model.eval()
+        try:
+            close = self.closeness(adapter)
+        finally:
+            model.train(was_training)
+        count = max(1, math.ceil(self.subset_fraction * len(self.pairs)))
+        subset = [self.pairs[i] for i in torch.sort(close, descending=True, stable=True).indices[:count].tolist()]
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.reward_model = HashedTextNet(**self.rm_shape)
+        accuracy = fit_bradley_terry(self.reward_model, subset, epochs=self.rm_epochs, batch_size=self.rm_batch_size,
+                                     lr=self.rm_lr, generator=torch.Generator().manual_seed(seed))
+        self.phase += 1
+        self.due = False
+        self.last_fit = {"inverse/rm_train_accuracy": accuracy, "inverse/subset_closeness": float(close.sort(
+            descending=True).values[:count].mean())}
+
+    # ------------------------------------------------------------------------------------------ trainer hooks
+    def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
+        if global_step % self.refit_every == 0:
+            self.due = True
+
+    def checkpoint_state(self) -> list[Any]:
+        return [self]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reward_model": self.reward_model.state_dict(), "phase": self.phase, "due": self.due,
+                "last_fit": dict(self.last_fit)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reward_model.load_state_dict(state["reward_model"])
+        self.phase, self.due, self.last_fit = int(state["phase"]), bool(state["due"]), dict(state["last_fit"])
+
+
+def fit_bradley_terry(model: HashedTextNet, pairs: Sequence[dict], *, epochs: int, batch_size: int, lr: float,
+                      generator: torch.Generator) -> float:
+    """Minimise −log σ(r(x, y_w) − r(x, y_l)) with Adam over shuffled mini-batches; returns the final training
+    accuracy (ties count ½)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    chosen = [(p["prompt"], p["chosen"]) for p in pairs]
+    rejected = [(p["prompt"], p["rejected"]) for p in pairs]
+    for _ in range(epochs):
+        for idx in torch.randperm(len(pairs), generator=generator).split(batch_size):
+            idx = idx.tolist()
+            margin = model([chosen[i] for i in idx]) - model([rejected[i] for i in idx])
+            loss = torch.nn.functional.softplus(-margin).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        margin = model(chosen) - model(rejected)
+    return float(((margin > 0).float() + 0.5 * (margin == 0).float()).mean())
+
+
+def _rows(pairs: Any) -> list[dict]:
+    if isinstance(pairs, dict) and "_target_" in pairs:
+        from hydra.utils import instantiate
+
+        pairs = instantiate(pairs)
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("inverse alignment needs offline preference pairs to fit its reward model; got none")
+    for i, p in enumerate(pairs):
+        missing = [key for key in ("prompt", "chosen", "rejected") if key not in p]
+        if missing:
+            raise ValueError(f"offline pair {p.get('row', i)} has no field(s) {missing}; rows must be "
+                             "{prompt, chosen, rejected}")
+    return pairs
