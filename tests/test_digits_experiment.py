@@ -124,3 +124,35 @@ def test_build_rows_passes_the_adapter_only_to_builders_that_ask_for_it():
     assert [r["adapter"] for r in asks] == [adapter, adapter]
     plain = build_rows(OmegaConf.create({"_target_": f"{__name__}.rows_without_adapter", "n": 2}), adapter)
     assert plain == [{"row": 0}, {"row": 1}]
+
+
+def test_evaluator_scores_the_ema_weights_and_restores_the_live_ones(tmp_path):
+    """With an EMA, the digits evaluator samples with the EMA weights (as Diffusion-DPO/-DRO evaluate), and the
+    live policy weights are back in place afterwards."""
+    cfg = compose_experiment("digits_dro", tmp_path, "adapter.ema_decay=0.5", "evaluator.protocol.per_digit=1",
+                             "evaluator.num_inference_steps=2")  # fmt: skip
+    adapter, evaluator = instantiate(cfg.adapter), instantiate(cfg.evaluator)
+    params = adapter.trainable_parameters()
+    adapter.ema_step()  # the EMA now holds the base weights ...
+    with torch.no_grad():
+        for p in params:  # ... and the live policy moves away from them
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    live = [p.detach().clone() for p in params]
+
+    def draw():
+        return evaluator.protocol.generate(lambda prompts, generator: adapter.sample(
+            prompts, generator=generator, **evaluator.sample_kw)["images"])
+
+    raw_images = draw()
+    with torch.no_grad():
+        for p, shadow in zip(params, adapter.ema.shadow_params):
+            p.copy_(shadow)
+        ema_images = draw()
+        for p, value in zip(params, live):
+            p.copy_(value)
+    assert not torch.allclose(raw_images, ema_images, atol=1e-3)
+    with torch.no_grad():
+        metrics = evaluator(adapter, tag="after", output_dir=tmp_path)
+    assert metrics == evaluator.protocol.metrics(ema_images)
+    assert metrics != evaluator.protocol.metrics(raw_images)
+    assert all(torch.equal(p, value) for p, value in zip(params, live))

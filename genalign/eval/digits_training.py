@@ -1,6 +1,7 @@
 """The digits evaluation protocol as a trainer evaluator: sample the adapter's policy on the protocol's fixed
 prompts and seed, return ``{"reward", "prompt_accuracy", "fid"}`` and write the grid ``samples_<tag>.png``
-(``samples_before.png``, ``samples_after.png``, ``samples_step-N.png``; see :class:`genalign.train.Trainer`)."""
+(``samples_before.png``, ``samples_after.png``, ``samples_step-N.png``; see :class:`genalign.train.Trainer`).
+With an EMA (the adapter's ``ema_decay``) the EMA weights are the ones evaluated, as in Diffusion-DPO/-DRO."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class DigitsTrainingEvaluator:
         def sample_fn(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
             return adapter.sample(prompts, generator=generator, **self.sample_kw)["images"]
 
-        images = self.protocol.generate(sample_fn)
+        with adapter.ema_weights():  # the EMA weights when the adapter keeps an EMA (as the papers evaluate)
+            images = self.protocol.generate(sample_fn)
         if output_dir is not None and tag is not None:
             save_sample_grid(images, self.protocol.prompts, Path(output_dir) / f"samples_{tag}.png",
                              columns=self.grid_columns)
