@@ -20,7 +20,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from genalign.adapters.base import Adapter
-from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.adapters.tabular import TabularAdapter
 from genalign.adapters.text import TextAdapter, eval_mode
 from genalign.objectives._checks import in_range
@@ -52,6 +51,8 @@ def draw(
         extra = list(sample_kwargs.pop("logits_processor", []))
         return adapter.sample(prompts, num_samples, generator=generator,
                               logits_processor=LogitsProcessorList([processor, *extra]), **sample_kwargs)
+    from genalign.adapters.image import ImageDiffusionAdapter  # diffusers: imported only when sampling images
+
     if isinstance(adapter, ImageDiffusionAdapter):
         with _denoiser_mixture(adapter, c):
             return adapter.sample(prompts, num_samples, generator=generator, **sample_kwargs)
@@ -177,7 +178,7 @@ class _TokenMixture(LogitsProcessor):
 class _MixedDenoiser(torch.nn.Module):
     """c·f_ref(x_t) + (1−c)·f_θ(x_t): called like a diffusers UNet with ``return_dict=False``."""
 
-    def __init__(self, adapter: ImageDiffusionAdapter, c: float):
+    def __init__(self, adapter: Any, c: float):
         super().__init__()
         self.policy, self.c = adapter.unwrapped_policy, c
         self._reference = adapter.reference_unet
@@ -190,7 +191,7 @@ class _MixedDenoiser(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _denoiser_mixture(adapter: ImageDiffusionAdapter, c: float) -> Iterator[None]:
+def _denoiser_mixture(adapter: Any, c: float) -> Iterator[None]:
     """Make ``adapter.sample`` denoise with the mixed prediction (both networks in eval mode) for the block."""
     policy = adapter.unwrapped_policy
 

@@ -33,19 +33,20 @@ class OAIFStep(Step):
     Args:
         judge: ``(prompts, responses_a, responses_b) -> [N]`` P(a ≻ b), or a hydra spec of one.
         objective: a pairwise objective of :mod:`genalign.objectives` (dpo, ipo, slic, gpo, simpo, robust_dpo,
-            soft_preference); ``objective_params`` (beta, ...) go to it.
+            soft_preference) with its ``beta``; ``objective_params`` (label_smoothing, gamma, ...) go to it too.
         mixture: c of the geometric mixture π^(1−c)·ref^c both responses are drawn from (0 = the policy).
         truncated: what an unfinished response gets, ``"lose"`` or ``"drop"`` (see :func:`judge_pairs`).
         sample: keyword arguments of ``adapter.sample`` (``max_new_tokens``, ``temperature``; diffusion:
             ``num_inference_steps``, ``guidance_scale``, ``scheduler``).
     """
 
-    def __init__(self, judge: Any, objective: str = "dpo", *, mixture: float = 0.0, truncated: str = "lose",
-                 sample: dict[str, Any] | None = None, length_normalize: bool = False, **objective_params: Any):
+    def __init__(self, judge: Any, objective: str = "dpo", *, beta: float = 0.1, mixture: float = 0.0,
+                 truncated: str = "lose", sample: dict[str, Any] | None = None, length_normalize: bool = False,
+                 objective_params: dict[str, Any] | None = None):
         if objective not in PairwiseStep.names:
             raise ValueError(f"objective {objective!r} is not pairwise; choose one of {PairwiseStep.names}")
         self.judge = build_judge(judge)
-        self.pairwise = PairwiseStep(objective, length_normalize=length_normalize, **objective_params)
+        self.pairwise = PairwiseStep(objective, length_normalize=length_normalize, beta=beta, **(objective_params or {}))
         self.mixture, self.truncated, self.sample = float(mixture), truncated, dict(sample or {})
         draws.check_mixture(self.mixture)
 
@@ -64,8 +65,8 @@ class IPOMDStep(OAIFStep):
 
     def __init__(self, judge: Any, *, mixture: float = 0.125, beta: float = 0.1, truncated: str = "lose",
                  sample: dict[str, Any] | None = None, length_normalize: bool = False):
-        super().__init__(judge, "ipo", mixture=mixture, truncated=truncated, sample=sample,
-                         length_normalize=length_normalize, beta=beta)
+        super().__init__(judge, "ipo", beta=beta, mixture=mixture, truncated=truncated, sample=sample,
+                         length_normalize=length_normalize)
 
 
 def judged_pairs(
