@@ -100,8 +100,8 @@ class InverseAlignmentStep(Step):
             out.append(0.5 * (chosen.mean_policy + rejected.mean_policy).float().cpu())
         return torch.cat(out)
 
-    def refit(self, adapter: Adapter, generator: torch.Generator) -> None:
-        """Fit a fresh reward model on the ``subset_fraction`` of offline pairs closest to the frozen policy."""
+    def closest(self, adapter: Adapter) -> tuple[list[int], torch.Tensor]:
+        """Indices of the ``subset_fraction`` of offline pairs with the highest closeness (eval mode), and their c."""
         model = adapter.unwrapped_policy
         was_training = model.training
         model.eval()
@@ -110,7 +110,13 @@ class InverseAlignmentStep(Step):
         finally:
             model.train(was_training)
         count = max(1, math.ceil(self.subset_fraction * len(self.pairs)))
-        subset = [self.pairs[i] for i in torch.sort(close, descending=True, stable=True).indices[:count].tolist()]
+        order = torch.sort(close, descending=True, stable=True).indices[:count]
+        return order.tolist(), close[order]
+
+    def refit(self, adapter: Adapter, generator: torch.Generator) -> None:
+        """Fit a fresh reward model on the ``subset_fraction`` of offline pairs closest to the frozen policy."""
+        indices, close = self.closest(adapter)
+        subset = [self.pairs[i] for i in indices]
         seed = int(torch.randint(2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -119,8 +125,7 @@ class InverseAlignmentStep(Step):
                                      lr=self.rm_lr, generator=torch.Generator().manual_seed(seed))
         self.phase += 1
         self.due = False
-        self.last_fit = {"inverse/rm_train_accuracy": accuracy, "inverse/subset_closeness": float(close.sort(
-            descending=True).values[:count].mean())}
+        self.last_fit = {"inverse/rm_train_accuracy": accuracy, "inverse/subset_closeness": float(close.mean())}
 
     # ------------------------------------------------------------------------------------------ trainer hooks
     def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
