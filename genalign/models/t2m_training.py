@@ -13,7 +13,8 @@
    pairs into the matched ones, so we leave 0 out.
 
 Adam with the T2M learning rate 1e-4 by default. The data is any dataset of
-:class:`genalign.data.humanml3d.HumanML3DDataset` items (``motion``, ``length``, ``tokens``).
+:class:`genalign.data.humanml3d.HumanML3DDataset` items (``motion``, ``length``, ``tokens``);
+:func:`embed_dataset` gives the co-embeddings of such a dataset (what the protocol metrics take).
 """
 
 from __future__ import annotations
@@ -146,3 +147,23 @@ def train_evaluator(
     }
     evaluator.eval()
     return history
+
+
+@torch.no_grad()
+def embed_dataset(evaluator: TextMotionEvaluator, dataset: Dataset, *, batch_size: int = 64, seed: int | None = None) -> dict:
+    """Every item of ``dataset`` once, in order, through the evaluator (eval mode): ``text_emb`` and ``motion_emb``
+    ``[N, embed_dim]`` plus the collated items (``motion``, ``length``, ``tokens``, ``id``, ...). With ``seed`` the
+    dataset's random caption/crop draws come from ``torch.manual_seed(seed)`` inside a forked RNG, so they repeat
+    and the caller's torch RNG is left as it was."""
+    if len(dataset) == 0:
+        raise ValueError("embed_dataset got an empty dataset")
+    evaluator.eval()
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        items = collate_motions([dataset[i] for i in range(len(dataset))])
+    chunks = [
+        evaluator(items["tokens"][i : i + batch_size], items["motion"][i : i + batch_size], items["length"][i : i + batch_size])
+        for i in range(0, len(dataset), batch_size)
+    ]
+    return {"text_emb": torch.cat([t for t, _ in chunks]), "motion_emb": torch.cat([m for _, m in chunks]), **items}
