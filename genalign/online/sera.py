@@ -8,7 +8,8 @@ snapshot π_t, whose DPO implicit reward r_t(x, y) = β·(log π_t(y|x) − log 
   m_t = r_t(x, y_w) − r_t(x, y_l) are kept (pairs the model already finds clear; mislabelled or uninformative pairs
   have small or negative margins);
 * **preference bootstrapping**: K responses per prompt are drawn from π_t and ranked by r_t; the best and the worst
-  form a new pair (prompts whose K responses all tie are skipped and counted).
+  form a new pair (prompts whose K responses all tie are skipped and counted; a text response that hit the length
+  limit without an end token ranks last).
 
 The loss is DPO of the current policy on the selected offline pairs plus ``bootstrap_weight`` × DPO on the
 bootstrapped pairs (per example, so the trainer's mean weighs both). In round 0, π_0 = ref gives every implicit
@@ -96,6 +97,8 @@ class SeRAStep(Step):
             samples = draws.draw(adapter, prompts, k, generator, **self.sample_kwargs)
             judged = adapter.score(samples, groups=groups, generator=_copy(generator))
         implicit = (judged.policy - judged.reference).view(n, k).float().cpu()
+        ended = draws.ended(adapter, samples).view(n, k)
+        implicit = torch.where(ended, implicit, implicit.min() - 1.0)  # unfinished text ranks last
         rows, best, worst, ties = best_worst(implicit)
         scores = grouped(adapter.score(samples, groups=groups, generator=generator), n, k)
         if rows.numel() == 0:
