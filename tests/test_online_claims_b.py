@@ -46,7 +46,7 @@ def test_pmpo_rejected_only_moves_mass_away_without_collapse():
     expected = (beta * ref - c * w) / (beta - c)
 
     adapter = TabularAdapter(1, 4, reference_probs=REFERENCE[:1])
-    got = train(adapter, PMPOStep(alpha=alpha, beta=beta, kl="exact"), rows, steps=600, lr=0.05)[0]
+    got = train(adapter, PMPOStep(alpha=alpha, beta=beta, kl="exact"), rows, steps=300, lr=0.1)[0]
     np.testing.assert_allclose(got, expected, atol=2e-3)
     assert got[2] < ref[2] and got[3] < ref[3]  # mass moved away from both rejected actions
     assert got[0] > ref[0] and got[1] > ref[1]
@@ -81,8 +81,8 @@ def test_dro_recovers_the_kl_regularised_optimum_from_single_trajectory_rewards(
     expected_value = tau * np.log(unnormalised.sum(1))
 
     adapter = TabularAdapter(2, 4, reference_probs=REFERENCE)
-    step = DROStep(tau=tau, value_lr=0.05, reward_range=[0.0, 1.0])
-    got = train(adapter, step, rows, steps=1500, lr=0.05)
+    step = DROStep(tau=tau, value_lr=0.1, reward_range=[0.0, 1.0])
+    got = train(adapter, step, rows, steps=500, lr=0.1)
     np.testing.assert_allclose(got, expected, atol=2e-3)
     value = step.value([0, 1]).detach().double().numpy()
     np.testing.assert_allclose(value, expected_value, atol=5e-3)
