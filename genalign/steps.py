@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import importlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -19,14 +19,17 @@ import torch
 from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import labelled_batch, pairs_to_unpaired, pairwise_batch
+from genalign.distributed import Shard
 
 
 @dataclass
 class StepContext:
-    """What a step may need from the trainer: shared randomness and a cross-process mean."""
+    """What a step may need from the trainer: shared randomness, a cross-process mean and this process's shard
+    (see :mod:`genalign.distributed`)."""
 
     generator: torch.Generator
     global_mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t.mean()
+    shard: Shard = field(default_factory=Shard)
 
 
 class Step(abc.ABC):
@@ -116,15 +119,15 @@ ONLINE_STEPS = {
     "diffusion_dro": "genalign.online.diffusion_dro:DiffusionDROStep",
     "dro": "genalign.online.dro:DROStep",
     "pmpo": "genalign.online.pmpo:PMPOStep",
+    "sera": "genalign.online.sera:SeRAStep",
+    "osp": "genalign.online.osp:OSPStep",
+    "drpo": "genalign.online.drpo:DRPOStep",
+    "inverse_alignment": "genalign.online.inverse_alignment:InverseAlignmentStep",
     "oaif": "genalign.online.oaif:OAIFStep",
     "ipo_md": "genalign.online.oaif:IPOMDStep",
     "nash_md": "genalign.online.nash_md:NashMDStep",
     "hypo": "genalign.online.hypo:HyPOStep",
     "selm": "genalign.online.selm:SELMStep",
-    "sera": "genalign.online.sera:SeRAStep",
-    "osp": "genalign.online.osp:OSPStep",
-    "drpo": "genalign.online.drpo:DRPOStep",
-    "inverse_alignment": "genalign.online.inverse_alignment:InverseAlignmentStep",
 }
 
 

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 
 from genalign.adapters.base import Adapter
 from genalign.data.batching import RowOrder
+from genalign.distributed import Shard
 from genalign.steps import StepContext
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Trainer:
         if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")
         self.order = RowOrder(len(self.rows), config.batch_size, seed=config.seed)
+        self.shard = Shard(self.accelerator.process_index, world)
         if config.gradient_checkpointing:
             adapter.enable_gradient_checkpointing()
         params = adapter.trainable_parameters()
@@ -148,19 +150,20 @@ class Trainer:
         if acc.is_main_process:
             self.adapter.save(str(self.output_dir / "final"))
             _plot_curves(self.history, self.output_dir / "training_curve.png")
-        acc.end_training()
+        for tracker in acc.trackers:  # not end_training(): that also tears down the process group, which the
+            tracker.finish()  # caller may still need (another trainer, evaluation); it ends with the process
         return self.metrics
 
     # ------------------------------------------------------------------ one optimizer step
     def _optimizer_step(self) -> dict[str, float]:
         acc, cfg = self.accelerator, self.cfg
-        ctx = StepContext(generator=self.noise.generator, global_mean=self._global_mean)
+        ctx = StepContext(generator=self.noise.generator, global_mean=self._global_mean, shard=self.shard)
         sums: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             micro_step = self.global_step * cfg.gradient_accumulation_steps + micro
-            indices = self.order.indices(micro_step)[acc.process_index :: acc.num_processes]
+            indices = self.shard.rows(self.order.indices(micro_step))
             with acc.accumulate(self.adapter.policy):
-                with acc.autocast():
+                with acc.autocast(), self.shard.draws(self.noise.generator):
                     loss, metrics = self.step_fn(self.adapter, [self.rows[i] for i in indices], ctx)
                 loss = loss.float().mean()
                 if not torch.isfinite(loss):
@@ -258,6 +261,7 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its RNG state before the rename
         if acc.is_main_process:
             state = {"global_step": self.global_step, "metrics": self.metrics, "history": self.history}
             _atomic_write_text(tmp / "trainer_state.json", json.dumps(state))

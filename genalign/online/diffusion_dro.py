@@ -43,7 +43,9 @@ prompt draws another state of its stored trajectories) and new prompts are sampl
 drop ``u [B]`` (only when dropout is active), then for prompts missing from the buffer the offsets ``[N]`` and the
 sampler's noise, then the buffer draw (:meth:`TrajectoryBuffer.draw`), then the expert noise ε ``[B, ...]``.
 :meth:`checkpoint_state` returns the step itself: its state dict holds the snapshot and the buffer, so a resumed run
-continues exactly (per process: in multi-process runs accelerate saves the main process's buffer).
+continues exactly. With several processes the buffer is the same on every process (:meth:`DiffusionDROStep.fill`
+gathers the sampled shares) and the generator stays in lockstep (:mod:`genalign.distributed`), so accelerate's copy
+from the main process restores every process.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import torch
 
 from genalign.adapters.diffusion_scores import SAMPLERS, denoising_target
 from genalign.adapters.image import ImageDiffusionAdapter
+from genalign.distributed import Shard
 from genalign.objectives import diffusion_dro
 from genalign.objectives._checks import in_range
 from genalign.steps import Step, StepContext
@@ -174,7 +177,7 @@ class DiffusionDROStep(Step):
         if drop.any():
             expert = adapter.drop_prompts(expert, drop.to(expert["x0"].device))
         keys = ["" if d else r["prompt"] for r, d in zip(rows, drop.tolist())]
-        self.fill(adapter, keys, generator)
+        self.fill(adapter, keys, generator, ctx.shard)
         own = {k: v.to(expert["x0"].device) for k, v in self.buffer.draw(keys, generator).items()}
         x0, t = expert["x0"], own["t"]
         eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
@@ -203,20 +206,43 @@ class DiffusionDROStep(Step):
         return torch.rand(size, generator=generator, device=generator.device).cpu() < p
 
     # ------------------------------------------------------------------------------------------ sampling
-    def fill(self, adapter: ImageDiffusionAdapter, prompts: Sequence[str], generator: torch.Generator | None) -> None:
-        """Sample K snapshot trajectories on offset grids for every prompt that has none in the buffer."""
-        missing = self.buffer.missing(prompts)
+    def fill(self, adapter: ImageDiffusionAdapter, prompts: Sequence[str], generator: torch.Generator | None,
+             shard: Shard | None = None) -> None:
+        """Sample K snapshot trajectories on offset grids for every prompt of the global batch that has none in
+        the buffer.
+
+        With several processes (``shard``), the missing prompts are those of all processes' ``prompts`` and every
+        process ends with the buffer the one-process run builds: the offsets and the initial noise are drawn for all
+        N·K trajectories on every process (the one-process draws), each process samples a contiguous share of the
+        prompts with its slice of them, and the shares are gathered. DPM-Solver++ is deterministic given those, so
+        the trajectories are the one-process ones; the stochastic ``ddpm`` sampler draws noise per timestep group,
+        so there every process samples all N·K trajectories itself."""
+        shard = shard or Shard()
+        missing = self.buffer.missing(shard.gather(prompts))
         if not missing:
             return
-        grids = self.offset_grids(adapter, len(missing) * self.num_samples, generator)
-        with self._snapshot_weights(adapter):
-            out = adapter.sample(missing, self.num_samples, generator=generator, timesteps=grids,
-                                 guidance_scale=self.guidance_scale, scheduler=self.scheduler, return_trajectory=True,
-                                 decode=False)
-        states = out["trajectory"]
-        entries = {key: torch.stack([getattr(s, key) for s in states], dim=1) for key in STATE_KEYS}
-        entries.update({key: out[key] for key in COND_KEYS if out.get(key) is not None})
-        self.buffer.add([p for p in missing for _ in range(self.num_samples)], entries)
+        k, total = self.num_samples, len(missing) * self.num_samples
+        with shard.remap(None):
+            grids = self.offset_grids(adapter, total, generator)
+        split = shard.count > 1 and self.scheduler == "dpmsolver++"
+        share = shard.split(len(missing)) if split else range(len(missing))
+        first = share.start * k
+        entries = {}
+        if share:
+            with shard.remap((lambda d: (total, first)) if split else None), self._snapshot_weights(adapter):
+                out = adapter.sample(missing[share.start : share.stop], k, generator=generator,
+                                     timesteps=grids[first : share.stop * k], guidance_scale=self.guidance_scale,
+                                     scheduler=self.scheduler, return_trajectory=True, decode=False)
+            states = out["trajectory"]
+            entries = {key: torch.stack([getattr(s, key) for s in states], dim=1) for key in STATE_KEYS}
+            entries.update({key: out[key] for key in COND_KEYS if out.get(key) is not None})
+            entries = {key: value.cpu() for key, value in entries.items()}
+        if split:  # every share, in process order; the generator continues from process 0's (which sampled)
+            parts = shard.gather([(entries, generator.get_state() if generator is not None else None)])
+            entries = {key: torch.cat([part[key] for part, _ in parts if part]) for key in parts[0][0]}
+            if generator is not None:
+                generator.set_state(parts[0][1])
+        self.buffer.add([p for p in missing for _ in range(k)], entries)
 
     def offset_grids(self, adapter: ImageDiffusionAdapter, n: int, generator: torch.Generator | None) -> torch.Tensor:
         """``[n, S]`` descending grids ``t_k = k·r + o``, r = ⌊T / S⌋, one offset ``o ~ U{0, …, r−1}`` per row."""

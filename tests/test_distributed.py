@@ -1,0 +1,190 @@
+"""Two CPU processes (gloo) train exactly like one process with the same global batch: per-step losses and final
+weights agree to 1e-5 for DPO and KTO on the tabular adapter, Diffusion-KTO and Diffusion-DRO on the tiny pixel UNet;
+KTO's reference point is the global-batch mean (a per-process mean is shown to differ), Diffusion-DRO's buffer is the
+one-process buffer on both processes, and a run interrupted and resumed under two processes matches too.
+
+The two-process runs happen once, in two spawned processes (accelerate reads RANK/WORLD_SIZE/MASTER_* from the
+environment); rank 0 saves what it saw (rank 1 its buffers), the one-process runs happen in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_train import pair_rows
+from tiny_pixel import expert_rows, pixel_adapter
+
+from genalign.adapters.tabular import TabularAdapter
+from genalign.distributed import Shard
+from genalign.steps import KTOStep, StepContext, build_step
+from genalign.train import Trainer, TrainConfig
+
+TOL = 1e-5
+GLOBAL_BATCH = 4
+
+
+class LocalMeanKTO(KTOStep):
+    """KTO with the reference point z wrongly taken over this process's rows only (negative control)."""
+
+    def __call__(self, adapter, rows, ctx):
+        return super().__call__(adapter, rows, StepContext(ctx.generator, shard=ctx.shard))
+
+
+def labelled_images(n: int) -> list[dict]:
+    """Labelled image rows: alternately desirable and undesirable."""
+    return [{**r, "desirable": i % 3 != 1} for i, r in enumerate(expert_rows(n, seed=1))]
+
+
+def labelled_actions(n: int = 16) -> list[dict]:
+    """Tabular thumbs up/down: 3 in 4 samples are the context's preferred action (desirable), so mean(π − ref)
+    grows above 0 and the clamped reference point z = max(0, mean) is active."""
+    rows = []
+    for i in range(n):
+        c, desirable = i % 3, i % 4 != 3
+        rows.append({"prompt": c, "response": c % 4 if desirable else (c + 1 + i % 3) % 4, "desirable": desirable,
+                     "row": i})
+    return rows
+
+
+SCENARIOS = {
+    # name: (adapter factory, step factory, rows factory, learning rate)
+    "dpo": (lambda: TabularAdapter(3, 4), lambda: build_step("dpo", beta=0.5), lambda: pair_rows(16), 0.05),
+    "kto": (lambda: TabularAdapter(3, 4), lambda: build_step("kto", beta=0.5), labelled_actions, 0.05),
+    "kto_local_z": (lambda: TabularAdapter(3, 4), lambda: LocalMeanKTO(beta=0.5), labelled_actions, 0.05),
+    "diffusion_kto": (lambda: pixel_adapter(prompt_dropout=0.25), lambda: build_step("kto", beta=500.0),
+                      lambda: labelled_images(8), 3e-4),
+    "diffusion_dro": (lambda: pixel_adapter(prompt_dropout=0.25),
+                      lambda: build_step("diffusion_dro", num_inference_steps=4, trajectories_per_prompt=2,
+                                                 resync_every=2),
+                      lambda: expert_rows(8, prompts=("a cat", "a dog", "a fox")), 1e-3),
+    "diffusion_dro_ddpm": (lambda: pixel_adapter(),
+                           lambda: build_step("diffusion_dro", num_inference_steps=4, scheduler="ddpm", resync_every=2),
+                           lambda: expert_rows(8, prompts=("a cat", "a dog", "a fox")), 1e-3),
+}
+STEPS = 3
+
+
+def train(name: str, output_dir, max_steps: int = STEPS, scenario: str | None = None) -> dict:
+    """Train a scenario; returns the per-step history, the final trainable weights and the DRO buffer (if any)."""
+    make_adapter, make_step, make_rows, lr = SCENARIOS[scenario or name]
+    torch.manual_seed(0)
+    adapter, step = make_adapter(), make_step()
+    cfg = TrainConfig(output_dir=str(output_dir / name), max_steps=max_steps, batch_size=GLOBAL_BATCH,
+                      gradient_accumulation_steps=2, learning_rate=lr, log_every=1, seed=5)
+    trainer = Trainer(adapter, step, make_rows(), cfg)
+    history = trainer.train()["history"]
+    weights = {k: p.detach().clone() for k, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
+    buffer = getattr(step, "buffer", None)
+    return {"history": history, "weights": weights, "buffer": buffer.state_dict() if buffer is not None else None,
+            "checkpoint_files": sorted(p.name for c in trainer.checkpoints() for p in c.iterdir())}
+
+
+def resumed(output_dir) -> dict:
+    """DPO stopped after 1 optimizer step and resumed to STEPS in a fresh trainer."""
+    train("dpo_resumed", output_dir, max_steps=1, scenario="dpo")
+    return train("dpo_resumed", output_dir, scenario="dpo")
+
+
+def _worker(rank: int, port: int, output_dir, result_file) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
+    torch.set_num_threads(1)  # forked after the parent used torch: one thread, as DataLoader workers do
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's one-process state came with the fork
+    GradientState._reset_state()
+    state = PartialState(cpu=True)
+    assert state.num_processes == 2 and state.backend == "gloo", (state.num_processes, state.backend)
+    results = {name: train(name, output_dir) for name in SCENARIOS}
+    results["dpo_resumed"] = resumed(output_dir)
+    if rank == 0:
+        torch.save(results, result_file)
+    else:  # rank 1's buffer must be rank 0's: the test compares both to the one-process buffer
+        torch.save({name: r["buffer"] for name, r in results.items()}, str(result_file) + ".rank1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    result_file = root / "two.pt"
+    # fork: the children start with the parent's imports (a spawned child spends seconds importing diffusers)
+    mp.start_processes(_worker, args=(_free_port(), root / "two", result_file), nprocs=2, start_method="fork")
+    two = torch.load(result_file, weights_only=False)
+    rank1_buffers = torch.load(str(result_file) + ".rank1", weights_only=False)
+    one = {name: train(name, root / "one") for name in SCENARIOS}
+    one["dpo_resumed"] = train("dpo_resumed", root / "one", scenario="dpo")  # uninterrupted
+    return one, two, rank1_buffers
+
+
+def assert_same_run(one: dict, two: dict) -> None:
+    assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1))
+    for a, b in zip(one["history"], two["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], abs=TOL, rel=0), (a, b)
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(two["weights"][name], w, atol=TOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("name", ["dpo", "kto", "diffusion_kto", "diffusion_dro", "diffusion_dro_ddpm"])
+def test_two_processes_equal_one_process(runs, name):
+    one, two, _ = runs
+    assert_same_run(one[name], two[name])
+    losses = [h["loss"] for h in one[name]["history"]]
+    assert max(losses) - min(losses) > 100 * TOL  # training moved the loss: the equality is not trivial
+
+
+def test_kto_reference_point_is_the_global_batch_mean(runs):
+    one, two, _ = runs
+    # the global z is what makes the runs equal: a per-process z gives another loss from step 2 on
+    assert two["kto_local_z"]["history"][0]["loss"] == pytest.approx(one["kto"]["history"][0]["loss"], abs=TOL)
+    later = [abs(a["loss"] - b["loss"]) for a, b in zip(one["kto"]["history"][1:], two["kto_local_z"]["history"][1:])]
+    assert max(later) > 100 * TOL
+
+
+@pytest.mark.parametrize("name", ["diffusion_dro", "diffusion_dro_ddpm"])
+def test_dro_buffer_is_the_one_process_buffer_on_every_process(runs, name):
+    one, two, rank1 = runs
+    expected = one[name]["buffer"]
+    assert len(set(expected["prompts"])) >= 2  # M = 2: filled by the last step (with its snapshot), not yet emptied
+    for buffer in (two[name]["buffer"], rank1[name]):
+        assert buffer["prompts"] == expected["prompts"]
+        for key, value in expected["tensors"].items():
+            torch.testing.assert_close(buffer["tensors"][key], value, atol=TOL, rtol=0, msg=key)
+
+
+def test_resume_under_two_processes_matches_uninterrupted_run(runs):
+    one, two, _ = runs
+    assert_same_run(one["dpo_resumed"], two["dpo_resumed"])
+    names = two["dpo_resumed"]["checkpoint_files"]
+    assert "random_states_1.pkl" in names and not any(n.endswith(".tmp") for n in names)
+
+
+def test_shard_rows_split_and_sliced_draws():
+    """Process r's rows and random draws are rows [r·d, (r+1)·d) of the one-process batch's."""
+    rows = list(range(8))
+    assert Shard(1, 2).rows(rows) == [4, 5, 6, 7]
+    assert [list(Shard(r, 3).split(7)) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="cannot be split evenly over 3"):
+        Shard(0, 3).rows(rows)
+    full = torch.Generator().manual_seed(0)
+    t, eps = torch.randint(0, 100, (6,), generator=full), torch.randn(6, 2, generator=full)
+    for r in range(2):
+        g, shard = torch.Generator().manual_seed(0), Shard(r, 2)
+        with shard.draws(g):
+            torch.testing.assert_close(torch.randint(0, 100, (3,), generator=g), t[3 * r : 3 * r + 3])
+            torch.testing.assert_close(torch.randn(3, 2, generator=g), eps[3 * r : 3 * r + 3])
+            with shard.remap(None):  # as drawn: the one-process draw itself
+                replicated = torch.rand(5, generator=g)
+            assert torch.rand(2, generator=torch.Generator().manual_seed(1)).shape == (2,)  # other generators untouched
+        after = torch.Generator().manual_seed(0)
+        after.set_state(full.get_state())
+        torch.testing.assert_close(replicated, torch.rand(5, generator=after))
