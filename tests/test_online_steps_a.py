@@ -366,3 +366,17 @@ def test_all_ties_give_a_zero_loss_and_bad_settings_raise():
         build_step("hypo", judge=tie)
     with pytest.raises(ValueError, match="have no 'prompt' field"):
         build_step("nash_md", judge=tie)(adapter, [{"row": 3}], ctx())
+
+
+def test_selm_with_a_judge_uses_online_pairs_then_reference_samples():
+    adapter, beta, alpha = tabular(7), 0.5, 0.2
+    step = build_step("selm", beta=beta, alpha=alpha, judge=PreferenceMatrixJudge(MATRIX))
+    loss, metrics = step(adapter, PROMPT_ROWS, ctx())
+    log_pi, log_ref = tables(adapter)
+    g = torch.Generator().manual_seed(SEED)
+    pairs = judged(adapter, 0.0, g)  # the two policy samples per row come first, then one reference sample per row
+    from_ref = redraw(REFERENCE.numpy(), CONTEXTS, 1, g)
+    dpo = np.mean([dpo_np(log_pi, log_ref, c, w, l, beta)[0] for c, w, l in pairs])
+    optimism = [alpha * beta * (log_pi[x, y] - log_ref[x, y]) for x, y in zip(CONTEXTS, from_ref)]
+    np.testing.assert_allclose(loss.detach().numpy(), dpo + np.array(optimism), rtol=1e-5)
+    assert metrics["judge/valid"] == len(pairs)
