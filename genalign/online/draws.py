@@ -92,18 +92,23 @@ class Collated:
 
 
 def take(batch: dict[str, Any], index: torch.Tensor | Sequence[int]) -> dict[str, Any]:
-    """The samples ``index`` of a sample batch: every per-sample tensor or list is indexed, ``None`` stays."""
+    """The samples ``index`` of a sample batch: every per-sample tensor or list is indexed, ``None`` stays; a sampler
+    ``trajectory`` (one entry per sampler step, not per sample) is left out."""
     index = torch.as_tensor(index, dtype=torch.long)
     size = batch_size(batch)
     out: dict[str, Any] = {}
     for key, value in batch.items():
+        if key == "trajectory":
+            continue
         if value is None:
             out[key] = None
         elif isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size:
             out[key] = value[index.to(value.device)]
         elif isinstance(value, list) and len(value) == size:
             out[key] = [value[i] for i in index.tolist()]
-        # anything else (a sampler trajectory, a scalar) is not a per-sample field and is left out
+        else:
+            raise ValueError(f"cannot select samples from a batch whose field {key!r} is not per-sample "
+                             f"(expected a tensor or list of length {size})")
     return out
 
 
