@@ -369,6 +369,7 @@ class ImageDiffusionAdapter(Adapter):
         return_trajectory: bool = False,
         timesteps: torch.Tensor | None = None,
         decode: bool = True,
+        start: torch.Tensor | None = None,
     ) -> dict[str, Any]:
         """Draw ``num_samples`` images per prompt (condition-major) with classifier-free guidance
         ``f = f(∅) + w·(f(c) − f(∅))`` (off for ``guidance_scale <= 1``).
@@ -381,6 +382,9 @@ class ImageDiffusionAdapter(Adapter):
         ``timesteps`` replaces the sampler's grid (and ``num_inference_steps``) with custom descending timesteps:
         ``[S]`` for every sample or ``[N, S]`` per returned sample (e.g. Diffusion-DRO's randomly offset grids);
         samples sharing a grid step together through one scheduler (``dpmsolver++`` or ``ddpm``).
+
+        ``start`` ``[N, C, H, W]`` replaces the initial noise: the state x_t at the grid's first timestep (e.g. a
+        data sample noised to that t, DR-PO's dataset resets); pass ``timesteps`` beginning at that t with it.
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or num_samples < 1 or num_inference_steps < 1:
@@ -402,9 +406,15 @@ class ImageDiffusionAdapter(Adapter):
         else:
             model_batch = batch
         groups = self._sampler_groups(scheduler, num_inference_steps, timesteps, n, device)
-        x = randn_tensor((n, config.in_channels, h, w), generator=generator, device=device, dtype=torch.float32)
-        for sched, idx in groups:
-            x[idx] = x[idx] * sched.init_noise_sigma
+        if start is None:
+            x = randn_tensor((n, config.in_channels, h, w), generator=generator, device=device, dtype=torch.float32)
+            for sched, idx in groups:
+                x[idx] = x[idx] * sched.init_noise_sigma
+        elif tuple(start.shape) != (n, config.in_channels, h, w):
+            raise ValueError(f"start must hold one state per returned sample, shape {(n, config.in_channels, h, w)}; "
+                             f"got {tuple(start.shape)}")
+        else:
+            x = start.to(device, torch.float32).clone()
         states = []
         with self._sampling_model(use_reference) as unet:
             for k in range(len(groups[0][0].timesteps)):
