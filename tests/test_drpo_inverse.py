@@ -4,6 +4,8 @@ and DPO values against independent recomputation, the refit's subset and fit, ex
 import numpy as np
 import pytest
 import torch
+from diffusers import DPMSolverMultistepScheduler
+from tiny_pixel import expert_rows, pixel_adapter
 
 from genalign.adapters.tabular import TabularAdapter
 from genalign.adapters.text import TextAdapter
@@ -76,7 +78,7 @@ def test_drpo_counts_unfinished_rollouts_and_rejects_bad_input(text_adapter):
     rows = [{"prompt": "12+34=", "chosen": "46"}, {"prompt": "40+9=", "chosen": "49"}]
     loss, metrics = step(text_adapter, rows, StepContext(torch.Generator().manual_seed(0)))
     assert metrics["drpo/unfinished"] > 0 and torch.isfinite(loss).all()
-    with pytest.raises(TypeError, match="needs a TextAdapter"):
+    with pytest.raises(TypeError, match="DR-PO resets to states of preferred text or images"):
         step(TabularAdapter(1, 2), [{"prompt": 0, "chosen": 1}], StepContext(torch.Generator()))
     with pytest.raises(ValueError, match="row 5: DR-PO needs a string 'prompt'"):
         step(text_adapter, [{"prompt": [{"role": "user", "content": "1+1="}], "chosen": "2", "row": 5}],
@@ -86,6 +88,72 @@ def test_drpo_counts_unfinished_rollouts_and_rejects_bad_input(text_adapter):
         out_of_range(text_adapter, rows, StepContext(torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="num_samples"):
         build_step("drpo", reward=answer_length, num_samples=1)
+
+
+def brightness(prompts, images):
+    return torch.stack([image.mean() for image in images])
+
+
+def test_drpo_diffusion_resets_are_the_preferred_image_noised_on_the_grid():
+    adapter = pixel_adapter()
+    rows = expert_rows(2)
+    step = DRPOStep(brightness, num_samples=3, num_inference_steps=5)
+    generator = torch.Generator().manual_seed(4)
+    replay = torch.Generator()
+    replay.set_state(generator.get_state())
+    start, grid = step.noised_states(adapter, rows, generator)
+    solver = DPMSolverMultistepScheduler.from_config(adapter.noise_scheduler.config, algorithm_type="dpmsolver++")
+    solver.set_timesteps(5)
+    full = solver.timesteps
+    j = int(torch.randint(5, (1,), generator=replay))
+    x0 = torch.stack([r["response"] for r in rows]).repeat_interleave(3, 0)
+    eps = torch.randn(x0.shape, generator=replay)
+    alpha = adapter.noise_scheduler.alphas_cumprod[int(full[j])]
+    torch.testing.assert_close(start, alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps)
+    assert grid.tolist() == full[j:].tolist()
+
+
+def test_sampling_from_a_late_reset_stays_near_the_preferred_image():
+    adapter = pixel_adapter()
+    image = expert_rows(1)[0]["response"][None]
+    t = torch.tensor([1])
+    start = adapter.noise_scheduler.add_noise(image, torch.randn(image.shape, generator=torch.Generator()), t)
+    out = adapter.sample(["a cat"], 1, start=start, timesteps=t, guidance_scale=1.0, decode=False)
+    assert (out["x0"] - image).abs().max() < 0.1  # one denoising step from t = 1 barely moves the image
+    with pytest.raises(ValueError, match="start must hold one state per returned sample"):
+        adapter.sample(["a cat"], 2, start=start, timesteps=t)
+
+
+def test_drpo_diffusion_loss_is_diffusion_dpo_on_best_and_worst_with_shared_noise(monkeypatch):
+    adapter = pixel_adapter()
+    rows = expert_rows(2)
+    captured = {}
+    real_draw, real_score = draws.draw, adapter.score
+
+    def spy_draw(*args, **kw):
+        captured["samples"] = real_draw(*args, **kw)
+        return captured["samples"]
+
+    def spy_score(samples, *, groups=None, generator=None, with_reference=True):
+        captured["groups"] = groups.clone()
+        captured["generator"] = torch.Generator()
+        captured["generator"].set_state(generator.get_state())
+        return real_score(samples, groups=groups, generator=generator, with_reference=with_reference)
+
+    monkeypatch.setattr(draws, "draw", spy_draw)
+    monkeypatch.setattr(adapter, "score", spy_score)
+    step = DRPOStep(brightness, num_samples=3, beta=50.0, num_inference_steps=4,
+                    sample_kwargs={"guidance_scale": 1.0})
+    loss, _ = step(adapter, rows, StepContext(torch.Generator().manual_seed(1)))
+    samples = captured["samples"]
+    assert captured["groups"].tolist() == [0, 0, 0, 1, 1, 1]  # a prompt's rollouts share t and noise
+    reward = torch.stack([img.mean() for img in samples["images"]]).view(2, 3)
+    with torch.no_grad():
+        scores = real_score(samples, groups=captured["groups"], generator=captured["generator"])
+    pol, ref = scores.policy.view(2, 3), scores.reference.view(2, 3)
+    b, w, l = torch.arange(2), reward.argmax(1), reward.argmin(1)
+    expected = dpo(pol[b, w], pol[b, l], ref[b, w], ref[b, l], beta=50.0)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ inverse alignment

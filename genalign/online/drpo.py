@@ -7,6 +7,11 @@ y_w[:h] ⊕ continuation; the best and the worst continuation form a pair, train
 tokens (the reset prefix is context). h = 0 is an ordinary rollout from the prompt; later resets let the policy
 practise finishing good responses it would rarely reach from scratch.
 
+For diffusion a state is the preferred sample noised to an intermediate step of the sampler's grid t_S > … > t_1:
+per step one index j ~ U{0, …, S−1} is drawn, x_{t_j} = √ᾱ·x_w + √(1−ᾱ)·ε (fresh ε per rollout), and the sampler
+runs t_j → … → t_1 from there (``ImageDiffusionAdapter.sample(start=...)``); j = 0 is almost pure noise. The K
+rollouts of a prompt are scored on one shared timestep and noise, so each (best, worst) pair is Diffusion-DPO's.
+
 Rows whose K rewards all tie are skipped and counted; a rollout that hits the length limit without an end token
 gets the lowest reward of its group minus one (it loses to every finished one) and is counted.
 """
@@ -18,6 +23,8 @@ from typing import Any, Sequence
 import torch
 
 from genalign import objectives
+from genalign.adapters.diffusion_scores import sampling_scheduler
+from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.adapters.text import TextAdapter
 from genalign.objectives._checks import positive
 from genalign.online import draws
@@ -27,7 +34,8 @@ from genalign.steps import Step, StepContext
 
 
 class DRPOStep(Step):
-    """DR-PO on rows ``{"prompt": str, "chosen": str, ...}`` (pairwise) or ``{"prompt", "response"}`` (demonstrations).
+    """DR-PO on rows ``{"prompt", "chosen", ...}`` (pairwise) or ``{"prompt", "response"}`` (demonstrations): text
+    strings for a :class:`TextAdapter`, images for an :class:`ImageDiffusionAdapter`.
 
     Args:
         reward: ``reward(prompts, responses) -> [N]`` (higher is better), a callable, an import path
@@ -35,34 +43,45 @@ class DRPOStep(Step):
         num_samples: K continuations per reset state (>= 2).
         beta: β of DPO.
         reward_range: ``[low, high]``; a reward outside raises naming the prompt.
-        sample_kwargs: extra keyword arguments of ``adapter.sample`` (e.g. ``max_new_tokens``).
+        num_inference_steps, scheduler: the diffusion sampler grid the resets are drawn on (unused for text).
+        sample_kwargs: extra keyword arguments of ``adapter.sample`` (e.g. ``max_new_tokens``, ``guidance_scale``).
     """
 
     def __init__(self, reward: Any, num_samples: int = 2, beta: float = 0.1, *,
-                 reward_range: Sequence[float] | None = None, sample_kwargs: dict[str, Any] | None = None):
+                 reward_range: Sequence[float] | None = None, num_inference_steps: int = 20,
+                 scheduler: str = "dpmsolver++", sample_kwargs: dict[str, Any] | None = None):
         if int(num_samples) != num_samples or num_samples < 2:
             raise ValueError(f"num_samples must be an integer >= 2 (continuations to compare), got {num_samples}")
         self.reward = RewardJudge(_callable(reward), reward_range=reward_range)
         self.num_samples, self.beta = int(num_samples), positive("beta", beta)
+        if int(num_inference_steps) != num_inference_steps or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps}")
+        self.num_inference_steps, self.scheduler = int(num_inference_steps), scheduler
         self.sample_kwargs = dict(sample_kwargs or {})
 
-    def __call__(self, adapter: TextAdapter, rows: Sequence[dict], ctx: StepContext):
-        if not isinstance(adapter, TextAdapter):
-            raise TypeError(f"DR-PO resets rollouts at prefixes of preferred text responses; it needs a TextAdapter, "
-                            f"got {type(adapter).__name__}")
-        prompts, prefixes = self.reset_states(adapter, rows, ctx.generator)
-        n, k = len(rows), self.num_samples
-        starts = [p + h for p, h in zip(prompts, prefixes)]
-        samples = draws.draw(adapter, starts, k, ctx.generator, **self.sample_kwargs)
-        full = [prefixes[q // k] + text for q, text in enumerate(draws.responses(samples))]
-        reward = self.reward.rewards([p for p in prompts for _ in range(k)], full).float().view(n, k)
+    def __call__(self, adapter, rows: Sequence[dict], ctx: StepContext):
+        prompts, n, k = draws.prompts(rows), len(rows), self.num_samples
+        if isinstance(adapter, TextAdapter):
+            prompts, prefixes = self.reset_states(adapter, rows, ctx.generator)
+            starts = [p + h for p, h in zip(prompts, prefixes)]
+            samples = draws.draw(adapter, starts, k, ctx.generator, **self.sample_kwargs)
+            responses = [prefixes[q // k] + text for q, text in enumerate(draws.responses(samples))]
+            depth = sum(len(h) > 0 for h in prefixes) / n  # rows reset past the prompt
+        elif isinstance(adapter, ImageDiffusionAdapter):
+            start, grid = self.noised_states(adapter, rows, ctx.generator)
+            samples = draws.draw(adapter, prompts, k, ctx.generator, start=start, timesteps=grid,
+                                 scheduler=self.scheduler, **self.sample_kwargs)
+            responses = draws.responses(samples)
+            depth = 1.0 - float(grid[0] + 1) / adapter.noise_scheduler.config.num_train_timesteps  # 0 = from noise
+        else:
+            raise TypeError(f"DR-PO resets to states of preferred text or images; {type(adapter).__name__} has none")
+        reward = self.reward.rewards([p for p in prompts for _ in range(k)], responses).float().view(n, k)
         ended = draws.ended(adapter, samples).view(n, k)
         reward = torch.where(ended, reward, reward.min() - 1.0)
-        flat = adapter.score(samples, groups=torch.arange(n * k), generator=ctx.generator)
+        flat = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=ctx.generator)
         rows_, best, worst, ties = best_worst(reward)
         metrics = {"drpo/reward": reward[ended].mean() if ended.any() else torch.tensor(float("nan")),
-                   "drpo/reset_fraction": torch.tensor([len(h) > 0 for h in prefixes]).float().mean(),
-                   "drpo/ties": float(ties), "drpo/unfinished": float((~ended).sum())}
+                   "drpo/reset_depth": float(depth), "drpo/ties": float(ties), "drpo/unfinished": float((~ended).sum())}
         if rows_.numel() == 0:
             return zero_loss(flat), metrics
         scores = grouped(flat, n, k)
@@ -84,6 +103,20 @@ class DRPOStep(Step):
             h = int(torch.randint(len(ids), (1,), generator=generator))
             prefixes.append(adapter.tokenizer.decode(ids[:h]))
         return prompts, prefixes
+
+    def noised_states(self, adapter: ImageDiffusionAdapter, rows: Sequence[dict], generator: torch.Generator):
+        """K copies of each row's preferred sample noised to one grid step t_j (fresh noise each), and the rest of
+        the grid ``[t_j, …, t_1]`` to sample along."""
+        preferred = adapter.collate([{"prompt": r.get("prompt"), "response": r.get("chosen", r.get("response")),
+                                      "row": r.get("row")} for r in rows])["x0"]
+        sched = sampling_scheduler(self.scheduler, adapter.noise_scheduler.config)
+        sched.set_timesteps(self.num_inference_steps)
+        grid = sched.timesteps.long().cpu()
+        j = int(torch.randint(len(grid), (1,), generator=generator))
+        x0 = preferred.repeat_interleave(self.num_samples, 0)
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
+        start = adapter.noise_scheduler.add_noise(x0, eps, grid[j].expand(x0.shape[0]).to(x0.device))
+        return start, grid[j:]
 
 
 def _callable(spec: Any):
