@@ -10,13 +10,14 @@ environment); rank 0 saves what it saw (rank 1 its buffers), the one-process run
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from test_train import pair_rows
-from tiny_pixel import expert_rows, pixel_adapter
+from tiny_pixel import expert_rows, pixel_adapter, tiny_unet
 
 from genalign.adapters.tabular import TabularAdapter
 from genalign.distributed import Shard
@@ -188,3 +189,67 @@ def test_shard_rows_split_and_sliced_draws():
         after = torch.Generator().manual_seed(0)
         after.set_state(full.get_state())
         torch.testing.assert_close(replicated, torch.rand(5, generator=after))
+
+
+ACCELERATE_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def launch_args(name: str):
+    """``accelerate launch --config_file configs/accelerate/<name>.yaml -m genalign.cli ...`` as the launcher
+    resolves it (config file merged into the command line)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    argv = ["--config_file", str(ACCELERATE_CONFIGS / f"{name}.yaml"), "-m", "genalign.cli", "experiment=text_dpo"]
+    return _validate_launch_command(launch_command_parser().parse_args(argv))[0]
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED")])
+def test_accelerate_configs_load_and_launch_genalign_cli(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    assert isinstance(config, ClusterConfig) and config.distributed_type.name == kind
+    assert config.mixed_precision == "no"  # precision is genalign's train.mixed_precision, passed by the Trainer
+    args = launch_args(name)
+    assert (args.multi_gpu, args.use_fsdp, args.use_deepspeed) == (kind == "MULTI_GPU", kind == "FSDP", kind == "DEEPSPEED")
+    assert args.module and args.training_script == "genalign.cli" and args.training_script_args == ["experiment=text_dpo"]
+    assert args.num_processes == 2
+
+
+def test_fsdp_config_wraps_lm_decoder_layers_and_unet_blocks(monkeypatch):
+    """The launcher's environment for fsdp.yaml builds an FSDP2 plugin that wraps each model at its own blocks."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+
+    for key, value in prepare_multi_gpu_env(launch_args("fsdp")).items():
+        monkeypatch.setenv(key, value)
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    for model, expected in ((lm, {GPT2Block}), (tiny_unet(), {BasicTransformerBlock, ResnetBlock2D})):
+        plugin = FullyShardedDataParallelPlugin()
+        plugin.set_auto_wrap_policy(model)
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+        assert plugin.state_dict_type.name == "FULL_STATE_DICT"
+        wrapped = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+        assert expected <= wrapped
+        assert all(any(isinstance(m, cls) for m in model.modules()) for cls in wrapped)
+
+
+@pytest.mark.parametrize("name, stage", [("deepspeed_zero2", 2), ("deepspeed_zero3", 3)])
+def test_deepspeed_configs_give_the_zero_stage_and_genalign_defaults(name, stage):
+    from accelerate.utils import DeepSpeedPlugin
+
+    args = launch_args(name)
+    plugin = DeepSpeedPlugin(zero_stage=args.zero_stage, gradient_clipping=args.gradient_clipping,
+                             gradient_accumulation_steps=args.gradient_accumulation_steps,
+                             zero3_save_16bit_model=args.zero3_save_16bit_model, zero3_init_flag=args.zero3_init_flag)
+    ds = plugin.deepspeed_config
+    assert ds["zero_optimization"]["stage"] == stage
+    defaults = TrainConfig()
+    assert ds["gradient_clipping"] == defaults.max_grad_norm
+    assert ds["gradient_accumulation_steps"] == defaults.gradient_accumulation_steps
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
