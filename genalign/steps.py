@@ -108,7 +108,8 @@ class KTOStep(Step):
         kl = ctx.global_mean((scores.policy - reference).detach().float())
         loss = objectives.kto(scores.policy, reference, batch.desirable, kl=kl, **self.params)
         r = (scores.policy - reference).detach()
-        metrics = {"kto/kl": kl, "rewards/desirable": _masked_mean(r, batch.desirable), "rewards/undesirable": _masked_mean(r, ~batch.desirable)}
+        metrics = {"kto/kl": kl, "rewards/desirable": _global_masked_mean(r, batch.desirable, ctx.global_mean),
+                   "rewards/undesirable": _global_masked_mean(r, ~batch.desirable, ctx.global_mean)}
         return loss, metrics
 
 
@@ -161,6 +162,12 @@ def _reject_unknown(name: str, params: dict[str, Any], accepted: set[str]) -> No
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x[mask].mean() if mask.any() else x.new_tensor(float("nan"))
+
+
+def _global_masked_mean(x: torch.Tensor, mask: torch.Tensor, global_mean: Callable) -> torch.Tensor:
+    """Mean of ``x`` over the masked rows of the global batch (all processes): mean(x·mask) / mean(mask); NaN when
+    no row is masked."""
+    return global_mean(x * mask) / global_mean(mask.float())
 
 
 def _device(adapter: Adapter) -> torch.device:
