@@ -84,8 +84,16 @@ class Adapter(abc.ABC):
 
     @property
     def unwrapped_policy(self) -> torch.nn.Module:
-        """The policy without DDP/FSDP/compile wrappers (for ``disable_adapter``, saving, generation)."""
-        return extract_model_from_parallel(self.policy)
+        """The policy without DDP/FSDP/compile wrappers (for ``disable_adapter``, saving, generation).
+
+        Remembered per wrapper object: unwrapping walks every submodule (looking for compiled regions), which costs
+        more than a small model's forward when done several times per step; assigning a new ``policy`` unwraps anew.
+        """
+        policy = self.policy
+        remembered = self.__dict__.get("_unwrapped")
+        if remembered is None or remembered[0] is not policy:
+            remembered = self._unwrapped = (policy, extract_model_from_parallel(policy))
+        return remembered[1]
 
     def reference_copy_on_policy_device(self, reference: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference copy, moved to the policy's device the first time it is used after a move."""

@@ -82,6 +82,34 @@ class StepTimes:
         return self.samples_per_step * len(self.seconds) / sum(self.seconds)
 
 
+def run_steps(side: Any, steps: int, warmup: int, samples_per_step: int) -> StepTimes:
+    """``warmup + steps`` calls of ``side.step()``; the times of the last ``steps`` are kept."""
+    seconds = [timed(side.step)[0] for _ in range(warmup + steps)]
+    return StepTimes(seconds[warmup:], samples_per_step)
+
+
+def count_flops(fn: Callable[[], Any]) -> float:
+    """FLOPs that one call of ``fn`` executes (forward and backward matmuls/convolutions/attention), counted by
+    ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+#: dense bf16 tensor-core peak FLOP/s by GPU name fragment (vendor data sheets, SXM parts)
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops() -> float | None:
+    """The device's dense bf16 peak, or None (CPU, or a GPU missing from :data:`PEAK_BF16_FLOPS`)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((value for key, value in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     """(25th percentile, median, 75th percentile), linear interpolation (``statistics.quantiles`` inclusive)."""
     if len(values) == 1:

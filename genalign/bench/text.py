@@ -28,7 +28,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from genalign.adapters.text import TextAdapter
-from genalign.bench.measure import StepTimes, timed
+from genalign.bench.measure import timed
 from genalign.data.batching import RowOrder
 from genalign.models.tiny_lm import char_tokenizer
 from genalign.steps import build_step
@@ -85,20 +85,22 @@ def make_model(config: TextConfig, tokenizer) -> GPT2LMHeadModel:
 
 
 class GenalignDPO:
-    """genalign's trainer on a TextAdapter (full fine-tune, frozen reference copy, cached reference scores)."""
+    """genalign's trainer on a TextAdapter (full fine-tune, frozen reference copy); ``cache_reference=False`` is the
+    lever-off variant that recomputes the reference scores every step."""
 
-    name = "genalign"
-
-    def __init__(self, model: torch.nn.Module, tokenizer, rows: list[dict], config: TextConfig, order: RowOrder):
+    def __init__(self, model: torch.nn.Module, tokenizer, rows: list[dict], config: TextConfig, order: RowOrder,
+                 cache_reference: bool = True):
+        self.name = "genalign" if cache_reference else "genalign-no-cache"
         self.workdir = tempfile.TemporaryDirectory(prefix="genalign-bench-")
         adapter = TextAdapter(model, tokenizer, reference="copy", max_length=config.n_positions,
                               max_prompt_length=config.n_positions - 1)
         train = TrainConfig(output_dir=self.workdir.name, max_steps=10**9, batch_size=config.batch_size,
                             learning_rate=config.learning_rate, lr_scheduler="constant", max_grad_norm=1.0,
-                            mixed_precision=config.mixed_precision, seed=config.seed)
+                            mixed_precision=config.mixed_precision, seed=config.seed,
+                            cache_reference=cache_reference)
         self.trainer = Trainer(adapter, build_step("dpo", beta=config.beta), [dict(r) for r in rows], train)
         self.trainer.order = order
-        self.setup_seconds, _ = timed(self.trainer._cache_reference_scores)
+        self.setup_seconds = timed(self.trainer._cache_reference_scores)[0] if cache_reference else 0.0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -158,7 +160,8 @@ class TRLDPO:
 
 
 def build(config: TextConfig, sides: tuple[str, ...] = ("genalign", "trl", "trl+precompute")) -> dict[str, Any]:
-    """The named sides on copies of one initial model, sharing rows and the micro-batch order."""
+    """The named sides on copies of one initial model, sharing rows and the micro-batch order (``genalign-no-cache``
+    is the lever-off genalign variant)."""
     tokenizer = char_tokenizer(CHARACTERS)
     rows = make_rows(config)
     model = make_model(config, tokenizer)
@@ -167,6 +170,7 @@ def build(config: TextConfig, sides: tuple[str, ...] = ("genalign", "trl", "trl+
     order = RowOrder(len(rows), config.batch_size, seed=config.seed)
     makers = {
         "genalign": lambda: GenalignDPO(copy.deepcopy(model), tokenizer, rows, config, order),
+        "genalign-no-cache": lambda: GenalignDPO(copy.deepcopy(model), tokenizer, rows, config, order, False),
         "trl": lambda: TRLDPO(copy.deepcopy(model), copy.deepcopy(tokenizer), rows, config, order),
         "trl+precompute": lambda: TRLDPO(copy.deepcopy(model), copy.deepcopy(tokenizer), rows, config, order, True),
     }
@@ -174,19 +178,6 @@ def build(config: TextConfig, sides: tuple[str, ...] = ("genalign", "trl", "trl+
     if unknown:
         raise ValueError(f"unknown text sides {sorted(unknown)}; choose from {sorted(makers)}")
     return {name: makers[name]() for name in sides}
-
-
-def run_steps(side, steps: int, warmup: int, batch_size: int) -> StepTimes:
-    """``warmup + steps`` optimizer steps; the times of the last ``steps`` are kept."""
-    seconds = [timed(side.step)[0] for _ in range(warmup + steps)]
-    return StepTimes(seconds[warmup:], batch_size)
-
-
-def flops_per_step(config: TextConfig, tokens: int, reference_forward: bool) -> float:
-    """Model FLOPs of one step: 6·N·tokens for the trained forward+backward (+2·N·tokens for a reference forward),
-    N = non-embedding parameters + the LM head (Kaplan et al. 2020's approximation)."""
-    n = 12 * config.n_layer * config.n_embd**2 + config.vocab_size * config.n_embd
-    return (6 + (2 if reference_forward else 0)) * n * tokens
 
 
 def describe(config: TextConfig) -> dict[str, Any]:

@@ -1,0 +1,147 @@
+"""``genalign-bench``: run the benchmark suites and write ``docs/BENCHMARKS.md`` and ``docs/benchmarks.json``.
+
+Speed suites (``text``, ``image``) build every side on the same model, data, batch order and precision, then run
+``--reps`` repetitions; each repetition runs every side for ``--warmup`` untimed and ``--steps`` timed optimizer
+steps, alternating which side goes first. The peak-memory growth of each side is measured in a fresh subprocess
+running that side alone (see :mod:`genalign.bench.measure`). The ``online`` suite reports the sampling share of
+Diffusion-DRO and SoPo steps. ``--suite cpu`` runs all three; on a CUDA machine the suites pick their GPU sizes
+(SD-1.5-shaped UNet, ~0.5B LM, bf16) and report model FLOPs utilisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from genalign.bench import image, measure, online, report, text
+
+SPEED_SUITES = {"text": text, "image": image}
+PEERS = {"text": ["trl", "trl+precompute"], "image": ["diffusers-loop"]}
+#: genalign variants with one lever switched, measured next to the default
+LEVERS = {"text": ["genalign-no-cache"], "image": ["genalign-channels-last"]}
+
+
+def suite_config(module):
+    config = module.TextConfig() if module is text else module.ImageConfig()
+    return type(config).for_cuda() if torch.cuda.is_available() else config
+
+
+def compile_genalign(name: str, runner):
+    """``torch.compile`` the policy of a genalign side (the peers run as they ship)."""
+    if name.startswith("genalign"):
+        runner.trainer.adapter.policy = torch.compile(runner.trainer.adapter.policy)
+    return runner
+
+
+def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
+    module = SPEED_SUITES[suite]
+    config = suite_config(module)
+    names = ["genalign", *PEERS[suite], *(LEVERS[suite] if args.levers else [])]
+    _log(f"[{suite}] building {names}")
+    sides = module.build(config, tuple(names))
+    if args.compile:
+        sides = {name: compile_genalign(name, side) for name, side in sides.items()}
+    flops = {name: measure.count_flops(side.step) for name, side in sides.items()}
+    times = measure.alternate(args.reps, {
+        name: (lambda s=side: measure.run_steps(s, args.steps, args.warmup, config.batch_size))
+        for name, side in sides.items()
+    }, log=_log)
+    peak = measure.peak_flops()
+    result: dict[str, Any] = {"config": module.describe(config), "sides": {}, "comparisons": {}}
+    for name, side in sides.items():
+        rates = [t.samples_per_s for t in times[name]]
+        step_seconds = config.batch_size / statistics.median(rates)
+        entry = {"samples_per_s_median": statistics.median(rates), "samples_per_s_per_rep": rates,
+                 "setup_seconds": side.setup_seconds, "flops_per_step": flops[name],
+                 "achieved_tflops": flops[name] / step_seconds / 1e12}
+        if peak is not None:
+            entry["mfu"] = flops[name] / step_seconds / peak
+        if not args.no_memory:
+            _log(f"[{suite}] peak memory of {name} in a fresh process")
+            worker = ["--memory-of", f"{suite}:{name}", "--memory-steps", str(args.memory_steps)]
+            worker += ["--compile"] if args.compile else []
+            entry["peak_memory_growth_mib"] = measure.run_isolated("genalign.bench.cli", worker)["growth_mib"]
+        result["sides"][name] = entry
+    for name in names[1:]:
+        result["comparisons"][name] = measure.compare(times["genalign"], times[name])
+    return result
+
+
+def online_suite(args: argparse.Namespace) -> dict[str, Any]:
+    config = suite_config(image)
+    cases = []
+    for case in online.CASES:
+        _log(f"[online] {case.name}")
+        cases.append(online.run_case(case, steps=args.online_steps, warmup=1, image_config=config))
+        _log(f"  sampling share {cases[-1]['sampling_share']:.1%}")
+    return {"cases": cases}
+
+
+def memory_worker(spec: str, steps: int, compile_policy: bool) -> None:
+    """Run one side alone for ``steps`` steps and print its peak memory growth as JSON (used by the runner)."""
+    suite, _, side = spec.partition(":")
+    module = SPEED_SUITES[suite]
+    runner = module.build(suite_config(module), (side,))[side]
+    if compile_policy:
+        runner = compile_genalign(side, runner)
+    with measure.PeakMemory() as peak:
+        for _ in range(steps):
+            runner.step()
+    print(json.dumps({"suite": suite, "side": side, "growth_mib": peak.growth_mib, "device": peak.kind}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="genalign-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("text", "image", "online", "cpu", "all"), default="cpu",
+                        help="one suite, or cpu/all for every suite (sizes follow the device)")
+    parser.add_argument("--reps", type=int, default=4, help="repetitions per side (alternating)")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per repetition")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each repetition's timed ones")
+    parser.add_argument("--online-steps", type=int, default=2, help="timed steps per online case")
+    parser.add_argument("--memory-steps", type=int, default=2, help="steps run by each peak-memory subprocess")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--no-levers", dest="levers", action="store_false", help="skip the lever variants")
+    parser.add_argument("--compile", action="store_true", help="torch.compile genalign's policy")
+    parser.add_argument("--json", default="docs/benchmarks.json")
+    parser.add_argument("--markdown", default="docs/BENCHMARKS.md")
+    parser.add_argument("--note", default="", help="a line printed at the top of the markdown (e.g. machine load)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_of:
+        memory_worker(args.memory_of, args.memory_steps, args.compile)
+        return
+    if min(args.reps, args.steps) < 1 or args.warmup < 0:
+        parser.error("--reps and --steps must be >= 1 and --warmup >= 0")
+    suites = ["text", "image", "online"] if args.suite in ("cpu", "all") else [args.suite]
+    results: dict[str, Any] = {
+        "command": "genalign-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "device": measure.device_kind(),
+        "note": args.note,
+        "machine": measure.machine_facts(),
+        "settings": {k: getattr(args, k) for k in ("reps", "steps", "warmup", "online_steps", "memory_steps",
+                                                   "levers", "compile")},
+        "suites": {},
+    }
+    for suite in suites:
+        results["suites"][suite] = online_suite(args) if suite == "online" else speed_suite(suite, args)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    Path(args.markdown).write_text(report.markdown(results))
+    _log(f"wrote {args.json} and {args.markdown}")
+
+
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+if __name__ == "__main__":
+    main()

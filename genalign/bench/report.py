@@ -1,0 +1,102 @@
+"""``docs/BENCHMARKS.md`` from the results of a ``genalign-bench`` run (everything in it comes from the JSON)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: (suite, peer) -> minimum genalign/peer samples/s ratio, and the image memory bound (genalign/peer peak growth)
+SPEED_TARGETS = {("text", "trl"): 1.3, ("text", "trl+precompute"): 1.3, ("image", "diffusers-loop"): 1.5}
+IMAGE_MEMORY_TARGET = 0.8
+DRO_SHARE_TARGET = 0.5
+
+METHOD = """\
+Each speed suite builds every side on copies of the same randomly initialised model, the same rows, the same
+micro-batch order and the same precision, then runs `reps` repetitions; in each repetition every side runs `warmup`
+untimed and `steps` timed optimizer steps, and the side that goes first alternates. A side's figure is the median
+over repetitions of its samples/s (pairs/s); the ratio genalign/peer is computed per repetition and reported as
+median [inter-quartile range]. Peak memory is the growth of the peak resident set size (Linux `VmHWM`, reset through
+`/proc/self/clear_refs` before the first step) of a fresh process running that side alone for `memory_steps` steps
+(on CUDA: `torch.cuda.max_memory_allocated` growth); it counts activations, gradients, optimizer state and allocator
+caches, not the weights loaded before. FLOPs per step are counted by `torch.utils.flop_counter.FlopCounterMode` on
+one step of each side."""
+
+SIDES = {
+    "genalign": "genalign `Trainer` optimizer step",
+    "trl": "TRL `DPOTrainer` (reference forward every step, its default)",
+    "trl+precompute": "TRL `DPOTrainer`, `precompute_ref_log_probs=True`",
+    "diffusers-loop": "`scripts/diffusers_dpo_loop.py` (VAE + text encoder every step)",
+    "genalign-no-cache": "lever off: genalign recomputing reference scores every step",
+    "genalign-channels-last": "lever on: genalign with a channels-last UNet",
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Benchmarks", "", "Produced by `genalign-bench`; re-run it to regenerate this file and "
+             "`docs/benchmarks.json`.", "", f"Command: `{results['command']}`  ", f"Date (UTC): {results['date_utc']}  ",
+             f"Device: {results['device']}", ""]
+    if results.get("note"):
+        lines += [f"> {results['note']}", ""]
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in results["machine"].items()] + [""]
+    lines += ["## Method", "", METHOD, "", "Settings: " + ", ".join(f"{k}={v}" for k, v in results["settings"].items()), ""]
+    suites = results["suites"]
+    for name in ("text", "image"):
+        if name in suites:
+            lines += _speed_section(name, suites[name])
+    if "online" in suites:
+        lines += _online_section(suites["online"])
+    lines += _targets(suites)
+    return "\n".join(lines) + "\n"
+
+
+def _speed_section(name: str, suite: dict[str, Any]) -> list[str]:
+    config = suite["config"]
+    title = {"text": "Text: DPO vs TRL", "image": "Image: Diffusion-DPO vs the diffusers-style loop"}[name]
+    lines = [f"## {title}", "", f"Model: {config['model']}; batch {config['batch_size']} pairs, "
+             f"{config['mixed_precision']} mixed precision.", "",
+             "| side | what runs | pairs/s (median) | genalign / side [IQR] | peak memory growth (MiB) | "
+             "GFLOP/step | setup (s) |", "|---|---|---|---|---|---|---|"]
+    for side, entry in suite["sides"].items():
+        comparison = suite["comparisons"].get(side)
+        ratio = "—" if comparison is None else (f"{comparison['ratio_median']:.2f}x "
+                                                f"[{comparison['ratio_q1']:.2f}, {comparison['ratio_q3']:.2f}]")
+        memory = entry.get("peak_memory_growth_mib")
+        mfu = f" (MFU {entry['mfu']:.1%})" if "mfu" in entry else ""
+        lines.append(f"| {side} | {SIDES.get(side, side)} | {entry['samples_per_s_median']:.2f} | {ratio} | "
+                     f"{'—' if memory is None else f'{memory:.0f}'} | {entry['flops_per_step'] / 1e9:.1f}{mfu} | "
+                     f"{entry['setup_seconds']:.1f} |")
+    lines.append("")
+    setup = {"text": "Setup: genalign's reference-score cache / TRL's precompute pass (one-off, not in pairs/s).",
+             "image": "Setup: genalign's one pass filling the latent / text-embedding cache (one-off, not in pairs/s)."}
+    return lines + [setup[name], ""]
+
+
+def _online_section(suite: dict[str, Any]) -> list[str]:
+    lines = ["## Online: share of step time spent sampling", "",
+             "| case | settings | step (s, median) | sampling (s/step) | sampling share |", "|---|---|---|---|---|"]
+    for case in suite["cases"]:
+        lines.append(f"| {case['case']} | {case['note']} | {case['step_seconds_median']:.2f} | "
+                     f"{case['sampling_seconds_per_step']:.2f} | {case['sampling_share']:.0%} |")
+    return lines + [""]
+
+
+def _targets(suites: dict[str, Any]) -> list[str]:
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for (suite, peer), bound in SPEED_TARGETS.items():
+        comparison = suites.get(suite, {}).get("comparisons", {}).get(peer)
+        if comparison is not None:
+            value = comparison["ratio_median"]
+            lines.append(f"| {suite}: genalign >= {bound}x {peer} samples/s | {value:.2f}x | {_yes(value >= bound)} |")
+    sides = suites.get("image", {}).get("sides", {})
+    if "peak_memory_growth_mib" in sides.get("genalign", {}) and "peak_memory_growth_mib" in sides.get("diffusers-loop", {}):
+        share = sides["genalign"]["peak_memory_growth_mib"] / sides["diffusers-loop"]["peak_memory_growth_mib"]
+        lines.append(f"| image: genalign peak memory <= {IMAGE_MEMORY_TARGET}x the loop's | {share:.2f}x | "
+                     f"{_yes(share <= IMAGE_MEMORY_TARGET)} |")
+    for case in suites.get("online", {}).get("cases", []):
+        if case["case"] == "dro-paper":
+            lines.append(f"| Diffusion-DRO sampling <= {DRO_SHARE_TARGET:.0%} of step time (paper settings) | "
+                         f"{case['sampling_share']:.0%} | {_yes(case['sampling_share'] <= DRO_SHARE_TARGET)} |")
+    return lines + [""]
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
