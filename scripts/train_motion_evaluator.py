@@ -43,6 +43,7 @@ from genalign.rewards.motion import TextMotionRetrievalReward
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "synthetic-motion"
+ROW_METRICS = ("top1", "top2", "top3", "mm_dist", "fid", "diversity")
 
 
 def families(root: Path, ids) -> np.ndarray:
@@ -106,24 +107,29 @@ def readme(out: Path, training: dict) -> str:
         "`scripts/make_synthetic_motions.py`), word vectors from the packaged MiniLM. `config.json` holds the sizes and",
         "every training setting.",
         "",
+        "Two such models are shipped: `assets/motion-evaluator` (train split, seed 0) computes the protocol metrics;",
+        "`assets/motion-reward` (train + val splits, seed 1) is the judge that SoPo, MoDiPO and the KTO labels use",
+        "(`evaluator:` in their configs), so a policy is not optimised against the exact metric network.",
+        "",
         f"Command: `{training['command']}`",
         "",
         f"Trained on the `{'+'.join(training['splits'])}` split(s) ({training['train_clips']} clips), seed "
         f"{training['seed']}: {training['movement_steps']} movement-autoencoder steps, {training['steps']} matching steps, "
-        f"batch {training['batch_size']}, lr {training['lr']}; {training['train_seconds']:.0f} s on CPU with one thread (wall time, measured on a 2-core machine shared with other jobs).",
+        f"batch {training['batch_size']}, lr {training['lr']}; {training['train_seconds']:.0f} s wall time on CPU with one "
+        "thread (on a 2-core machine shared with other jobs).",
         "",
         f"## Test split ({training['test_clips']} real motions, {training['replications']} replications, 95% intervals)",
         "",
         "| top-1 | top-2 | top-3 | MM-Dist | FID (real vs real) | Diversity |",
         "|---|---|---|---|---|---|",
-        "| " + " | ".join(f"{real[k]['mean']:.3f} ± {real[k]['ci95']:.3f}" for k in ("top1", "top2", "top3", "mm_dist", "fid", "diversity")) + " |",
+        "| " + " | ".join(f"{real[k]['mean']:.3f} ± {real[k]['ci95']:.3f}" for k in ROW_METRICS) + " |",
         "",
         f"Shuffled caption/motion pairs: top-1 {real['shuffled_top1']:.3f}, top-3 {real['shuffled_top3']:.3f} "
         "(chance 1/32 = 0.031, 3/32 = 0.094).",
         "",
         "R-precision over batches of 32 with Euclidean distances; each replication redraws the captions and crops",
         "and reshuffles the batches. FID compares the real motions with an independent draw of the same real",
-        f"motions (other crops); Diversity uses {min(300, training['test_clips'])} pairs (the test split is smaller than 300).",
+        f"motions (other crops); Diversity uses min(300, N) = {min(300, training['test_clips'])} pairs.",
         "",
         "## Retrieval reward `exp(-d / 5)` on the test split",
         "",
