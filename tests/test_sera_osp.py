@@ -84,7 +84,7 @@ def test_sera_selects_by_the_snapshot_margin_and_bootstraps_its_own_pairs():
             expected.append(np_dpo(beta, live, LOG_REF, actions[int(np.argmax(implicit))],
                                    actions[int(np.argmin(implicit))], c))
     np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-5)
-    assert metrics["sera/kept"] == 2.0 and metrics["sera/bootstrap_pairs"] == len(expected) - 2
+    assert metrics["sera/kept"] == 2.0 and metrics["sera/bootstrap/pairs"] == len(expected) - 2
 
 
 def test_sera_resume_is_exact(tmp_path):

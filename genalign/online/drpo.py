@@ -22,14 +22,13 @@ from typing import Any, Sequence
 
 import torch
 
-from genalign import objectives
 from genalign.adapters.diffusion_scores import sampling_scheduler
 from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.adapters.text import TextAdapter
 from genalign.objectives._checks import positive
 from genalign.online import draws
 from genalign.online.judges import RewardJudge
-from genalign.online.self_pairs import best_worst, grouped, pick, zero_loss
+from genalign.online.self_pairs import best_worst_dpo
 from genalign.steps import Step, StepContext
 
 
@@ -77,17 +76,9 @@ class DRPOStep(Step):
             raise TypeError(f"DR-PO resets to states of preferred text or images; {type(adapter).__name__} has none")
         reward = self.reward.rewards([p for p in prompts for _ in range(k)], responses).float().view(n, k)
         ended = draws.ended(adapter, samples).view(n, k)
-        reward = torch.where(ended, reward, reward.min() - 1.0)
-        flat = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=ctx.generator)
-        rows_, best, worst, ties = best_worst(reward)
-        metrics = {"drpo/reward": reward[ended].mean() if ended.any() else torch.tensor(float("nan")),
-                   "drpo/reset_depth": float(depth), "drpo/ties": float(ties), "drpo/unfinished": float((~ended).sum())}
-        if rows_.numel() == 0:
-            return zero_loss(flat), metrics
-        scores = grouped(flat, n, k)
-        w, l = pick(scores, rows_, best), pick(scores, rows_, worst)
-        loss = objectives.dpo(w.policy, l.policy, w.reference, l.reference, beta=self.beta)
-        metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
+        loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator, prefix="drpo")
+        metrics.update({"drpo/reward": reward[ended].mean().item() if ended.any() else float("nan"),
+                        "drpo/reset_depth": float(depth)})
         return loss, metrics
 
     def reset_states(self, adapter: TextAdapter, rows: Sequence[dict], generator: torch.Generator):

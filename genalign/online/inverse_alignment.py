@@ -23,13 +23,12 @@ from typing import Any, Sequence
 
 import torch
 
-from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
 from genalign.online.hashed import HashedTextNet
-from genalign.online.self_pairs import best_worst, grouped, pick, zero_loss
+from genalign.online.self_pairs import best_worst_dpo
 from genalign.steps import Step, StepContext
 
 
@@ -75,18 +74,9 @@ class InverseAlignmentStep(Step):
         responses = draws.responses(samples)
         with torch.no_grad():
             reward = self.reward_model([(prompts[q // k], r) for q, r in enumerate(responses)]).float().cpu().view(n, k)
-        ended = draws.ended(adapter, samples).view(n, k)
-        reward = torch.where(ended, reward, reward.min() - 1.0)
-        flat = adapter.score(samples, groups=torch.arange(n * k), generator=ctx.generator)
-        rows_, best, worst, ties = best_worst(reward)
-        metrics = {"inverse/phase": float(self.phase), "inverse/reward": reward.mean(), "inverse/ties": float(ties),
-                   "inverse/unfinished": float((~ended).sum()), **self.last_fit}
-        if rows_.numel() == 0:
-            return zero_loss(flat), metrics
-        scores = grouped(flat, n, k)
-        w, l = pick(scores, rows_, best), pick(scores, rows_, worst)
-        loss = objectives.dpo(w.policy, l.policy, w.reference, l.reference, beta=self.beta)
-        metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
+        loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator,
+                                       prefix="inverse")
+        metrics.update({"inverse/phase": float(self.phase), "inverse/reward": reward.mean().item(), **self.last_fit})
         return loss, metrics
 
     # ------------------------------------------------------------------------------------------ the refit

@@ -6,11 +6,13 @@ samples is :mod:`genalign.online.draws`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 
+from genalign import objectives
 from genalign.adapters.base import Adapter
+from genalign.online import draws
 from genalign.types import Scores
 
 
@@ -38,6 +40,30 @@ def best_worst(judged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     keep = judged.amax(1) > judged.amin(1)
     rows = keep.nonzero().flatten()
     return rows, judged.argmax(1)[rows], judged.argmin(1)[rows], int((~keep).sum())
+
+
+def best_worst_dpo(adapter: Adapter, samples: dict, judged: torch.Tensor, *, beta: float,
+                   generator: torch.Generator | None, prefix: str) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO of the current policy on the (best, worst) of each prompt's K own samples by ``judged`` ``[B, K]``.
+
+    A text sample that hit the length limit without an end token ranks below every finished one; prompts whose K
+    samples tie are skipped. A prompt's K samples are scored on one shared draw (t and noise for diffusion), so each
+    pair shares it. Returns per-pair losses (one zero still on the policy's graph when no pair is left) and metrics:
+    ``{prefix}/pairs``, ``/ties``, ``/unfinished`` and the pairwise reward metrics.
+    """
+    n, k = judged.shape
+    ended = draws.ended(adapter, samples).view(n, k)
+    judged = torch.where(ended, judged, judged.min() - 1.0)
+    flat = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=generator)
+    rows, best, worst, ties = best_worst(judged)
+    metrics = {f"{prefix}/pairs": float(rows.numel()), f"{prefix}/ties": float(ties),
+               f"{prefix}/unfinished": float((~ended).sum())}
+    if rows.numel() == 0:
+        return zero_loss(flat), metrics
+    scores = grouped(flat, n, k)
+    w, l = pick(scores, rows, best), pick(scores, rows, worst)
+    metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=beta))
+    return objectives.dpo(w.policy, l.policy, w.reference, l.reference, beta=beta), metrics
 
 
 def zero_loss(scores: Scores) -> torch.Tensor:

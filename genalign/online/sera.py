@@ -28,7 +28,7 @@ from genalign.adapters.base import Adapter
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
-from genalign.online.self_pairs import PolicySnapshot, best_worst, grouped, pick
+from genalign.online.self_pairs import PolicySnapshot, best_worst_dpo
 from genalign.steps import Step, StepContext
 
 
@@ -72,9 +72,9 @@ class SeRAStep(Step):
         metrics.update({"sera/round": float(self.round), "sera/kept": float(keep.numel())})
         losses = [offline]
         if self.round > 0 and self.num_samples:
-            boot, ties = self.bootstrap(adapter, draws.prompts(rows), ctx.generator)
+            boot, boot_metrics = self.bootstrap(adapter, draws.prompts(rows), ctx.generator)
             losses.append(self.bootstrap_weight * boot)
-            metrics.update({"sera/bootstrap_pairs": float(boot.numel()), "sera/bootstrap_ties": float(ties)})
+            metrics.update(boot_metrics)
         return torch.cat(losses), metrics
 
     # ------------------------------------------------------------------------------------------ the two reviews
@@ -89,22 +89,18 @@ class SeRAStep(Step):
         count = max(1, math.ceil(self.top_fraction * batch.size))
         return torch.sort(margin.float().cpu(), descending=True, stable=True).indices[:count]
 
-    def bootstrap(self, adapter: Adapter, prompts: list[Any], generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    def bootstrap(self, adapter: Adapter, prompts: list[Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """DPO losses of the current policy on (best, worst) of K samples of π_t per prompt, ranked by r_t."""
         n, k = len(prompts), self.num_samples
-        groups = torch.arange(n * k)
         with self.snapshot.swapped(adapter), torch.no_grad():
             samples = draws.draw(adapter, prompts, k, generator, **self.sample_kwargs)
-            judged = adapter.score(samples, groups=groups, generator=_copy(generator))
+            judged = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=_copy(generator))
         implicit = (judged.policy - judged.reference).view(n, k).float().cpu()
-        ended = draws.ended(adapter, samples).view(n, k)
-        implicit = torch.where(ended, implicit, implicit.min() - 1.0)  # unfinished text ranks last
-        rows, best, worst, ties = best_worst(implicit)
-        scores = grouped(adapter.score(samples, groups=groups, generator=generator), n, k)
-        if rows.numel() == 0:
-            return scores.policy.reshape(-1)[:0].float(), ties
-        w, l = pick(scores, rows, best), pick(scores, rows, worst)
-        return objectives.dpo(w.policy, l.policy, w.reference, l.reference, beta=self.beta), ties
+        loss, metrics = best_worst_dpo(adapter, samples, implicit, beta=self.beta, generator=generator,
+                                       prefix="sera/bootstrap")
+        if not metrics["sera/bootstrap/pairs"]:
+            loss = loss[:0]  # no pair: nothing joins the offline losses
+        return loss, {k: v for k, v in metrics.items() if k.startswith("sera/")}
 
     # ------------------------------------------------------------------------------------------ trainer hooks
     def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
