@@ -12,8 +12,11 @@ is fitted. During the phase each step draws K responses per prompt from the poli
 and the worst, and the policy takes a DPO step on that pair (prompts whose K rewards tie are skipped and counted; a
 text response that hit the length limit unfinished ranks last and is counted).
 
-The reward model is :class:`~genalign.online.hashed.HashedTextNet` over ``(prompt, response)``; it, the phase
-counter and the refit flag are checkpointed.
+Reward models (``rm_features``): "hashed" — :class:`~genalign.online.hashed.HashedTextNet` over ``(prompt, response)``
+(any modality; it memorises seen pairs but hardly generalises from character n-grams); "reference" — a head on the
+frozen reference language model's features of the response (its last hidden state at the response's last scored token
+and its mean over the response tokens), as reward models are usually built on a pretrained backbone. The head, the
+phase counter and the refit flag are checkpointed.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ from typing import Any, Sequence
 
 import torch
 
+from torch import nn
+
 from genalign.adapters.base import Adapter
+from genalign.adapters.text import TextAdapter, eval_mode
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
-from genalign.online.hashed import HashedTextNet
+from genalign.online.hashed import HashedTextNet, render
 from genalign.online.self_pairs import best_worst_dpo
 from genalign.steps import Step, StepContext
+
+RM_FEATURES = ("hashed", "reference")
 
 
 class InverseAlignmentStep(Step):
@@ -41,12 +49,14 @@ class InverseAlignmentStep(Step):
         refit_every: optimizer steps per phase.
         subset_fraction: fraction of the offline pairs, closest to the policy, the reward model is fitted on.
         num_samples, beta: K samples per prompt and DPO's β.
+        rm_features: "hashed" or "reference" (text only), see the module docstring.
         rm_hidden, rm_buckets, rm_lr, rm_epochs, rm_batch_size: the reward model and its fit (Adam).
         sample_kwargs: extra keyword arguments of ``adapter.sample``.
     """
 
     def __init__(self, pairs: Any, *, refit_every: int = 50, subset_fraction: float = 0.5, num_samples: int = 4,
-                 beta: float = 0.1, rm_hidden: int = 0, rm_buckets: int = 2**14, rm_lr: float = 0.05,
+                 beta: float = 0.1, rm_features: str = "hashed", rm_hidden: int = 0, rm_buckets: int = 2**14,
+                 rm_lr: float = 0.05,
                  rm_epochs: int = 5, rm_batch_size: int = 64, sample_kwargs: dict[str, Any] | None = None):
         self.pairs = _rows(pairs)
         for name, value, low in (("refit_every", refit_every, 1), ("num_samples", num_samples, 2),
@@ -59,13 +69,28 @@ class InverseAlignmentStep(Step):
         if self.subset_fraction == 0.0:
             raise ValueError("subset_fraction must be > 0 (the fraction of offline pairs the reward model is fitted on)")
         self.beta, self.rm_lr = positive("beta", beta), positive("rm_lr", rm_lr)
-        self.rm_shape = {"buckets": rm_buckets, "hidden": rm_hidden}
+        if rm_features not in RM_FEATURES:
+            raise ValueError(f"rm_features must be one of {RM_FEATURES}, got {rm_features!r}")
+        self.rm_features, self.rm_hidden, self.rm_buckets = rm_features, int(rm_hidden), int(rm_buckets)
         self.sample_kwargs = dict(sample_kwargs or {})
-        self.reward_model = HashedTextNet(**self.rm_shape)
+        self.reward_model: nn.Module | None = None
+        self.pending: dict[str, Any] | None = None  # a checkpointed head, rebuilt once the adapter is at hand
         self.phase, self.due = 0, True
         self.last_fit: dict[str, float] = {}
 
+    def new_reward_model(self, adapter: Adapter) -> nn.Module:
+        if self.rm_features == "hashed":
+            return HashedTextNet(buckets=self.rm_buckets, hidden=self.rm_hidden)
+        if not isinstance(adapter, TextAdapter):
+            raise TypeError(f"rm_features='reference' uses a language model's features; {type(adapter).__name__} is "
+                            "not a TextAdapter (use rm_features='hashed')")
+        return ReferenceFeatureReward(adapter, self.rm_hidden)
+
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
+        if self.pending is not None:
+            self.reward_model = self.new_reward_model(adapter)
+            self.reward_model.load_state_dict(self.pending)
+            self.pending = None
         if self.due:
             self.refit(adapter, ctx.generator)
         prompts = draws.prompts(rows)
@@ -110,7 +135,7 @@ class InverseAlignmentStep(Step):
         seed = int(torch.randint(2**62, (1,), generator=generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.reward_model = HashedTextNet(**self.rm_shape)
+            self.reward_model = self.new_reward_model(adapter)
         accuracy = fit_bradley_terry(self.reward_model, subset, epochs=self.rm_epochs, batch_size=self.rm_batch_size,
                                      lr=self.rm_lr, generator=torch.Generator().manual_seed(seed))
         self.phase += 1
@@ -126,15 +151,48 @@ class InverseAlignmentStep(Step):
         return [self]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"reward_model": self.reward_model.state_dict(), "phase": self.phase, "due": self.due,
-                "last_fit": dict(self.last_fit)}
+        head = self.pending if self.reward_model is None else self.reward_model.state_dict()
+        return {"reward_model": head, "phase": self.phase, "due": self.due, "last_fit": dict(self.last_fit)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reward_model.load_state_dict(state["reward_model"])
+        self.reward_model, self.pending = None, state["reward_model"]
         self.phase, self.due, self.last_fit = int(state["phase"]), bool(state["due"]), dict(state["last_fit"])
 
 
-def fit_bradley_terry(model: HashedTextNet, pairs: Sequence[dict], *, epochs: int, batch_size: int, lr: float,
+class ReferenceFeatureReward(nn.Module):
+    """r(x, y) = head([h_last, h_mean]): h the frozen reference LM's last-layer hidden states over the response's
+    scored tokens (last one, mean). Features never change, so they are cached by (prompt, response)."""
+
+    def __init__(self, adapter: TextAdapter, hidden: int = 0):
+        super().__init__()
+        self.adapter = adapter  # not a module: not saved, not trained
+        width = 2 * adapter.unwrapped_policy.config.hidden_size
+        self.head = nn.Linear(width, 1) if not hidden else nn.Sequential(
+            nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def features(self, inputs: Sequence[tuple[Any, Any]]) -> torch.Tensor:
+        keys = [render(list(x)) for x in inputs]
+        missing = sorted({k: x for k, x in zip(keys, inputs) if k not in self.cache}.items())
+        if missing:
+            adapter = self.adapter
+            batch = adapter.collate([{"prompt": p, "response": r} for _, (p, r) in missing])
+            ids, attention, mask = (batch[k].to(adapter._device()) for k in ("input_ids", "attention_mask", "loss_mask"))
+            with adapter._generation_model(use_reference=True) as model, eval_mode(model):
+                h = model(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                          use_cache=False).hidden_states[-1].float()
+            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+            weights = mask.unsqueeze(-1).float()
+            feats = torch.cat([h[torch.arange(len(missing)), last], (h * weights).sum(1) / weights.sum(1)], -1).cpu()
+            self.cache.update({k: f for (k, _), f in zip(missing, feats)})
+        return torch.stack([self.cache[k] for k in keys])
+
+    def forward(self, inputs: Sequence[tuple[Any, Any]]) -> torch.Tensor:
+        return self.head(self.features(inputs).to(next(self.head.parameters()).device)).squeeze(-1)
+
+
+def fit_bradley_terry(model: nn.Module, pairs: Sequence[dict], *, epochs: int, batch_size: int, lr: float,
                       generator: torch.Generator) -> float:
     """Minimise −log σ(r(x, y_w) − r(x, y_l)) with Adam over shuffled mini-batches; returns the final training
     accuracy (ties count ½)."""
