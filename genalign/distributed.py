@@ -12,6 +12,11 @@ global batch as a whole (Diffusion-DRO's sampler offsets) change the slicing rul
 
 The draws are intercepted with a :class:`torch.overrides.TorchFunctionMode` (``torch.rand``/``randn``/``randint``
 called with that generator, including diffusers' ``randn_tensor``), so adapters need no distributed code.
+
+Where the contract stops: (1) a draw's trailing shape must not depend on the share; rows padded to the longest of
+their own share (variable-length motion) get noise of another shape than in the one-process run, so such runs agree
+in distribution, not value for value. (2) The global torch RNG (dropout) is seeded ``seed + process index`` by the
+trainer, so processes draw independent dropout masks; models with active dropout agree in distribution only.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ class Trainer:
             log_with=config.log_with or None,
             project_dir=str(self.output_dir),
         )
-        set_seed(config.seed)
+        # the global RNG (dropout) gets seed + process index: independent masks per process (see genalign.distributed)
+        set_seed(config.seed, device_specific=True)
         world = self.accelerator.num_processes
         if config.batch_size % world:
             raise ValueError(f"batch_size={config.batch_size} must be divisible by the number of processes ({world})")

@@ -103,9 +103,10 @@ def _worker(rank: int, port: int, output_dir, result_file) -> None:
     results = {name: train(name, output_dir) for name in SCENARIOS}
     results["dpo_resumed"] = resumed(output_dir)
     if rank == 0:
-        torch.save(results, result_file)
+        torch.save({**results, "global_seed": torch.initial_seed()}, result_file)
     else:  # rank 1's buffer must be rank 0's: the test compares both to the one-process buffer
-        torch.save({name: r["buffer"] for name, r in results.items()}, str(result_file) + ".rank1")
+        buffers = {name: r["buffer"] for name, r in results.items()}
+        torch.save({**buffers, "global_seed": torch.initial_seed()}, str(result_file) + ".rank1")
 
 
 def _free_port() -> int:
@@ -165,6 +166,12 @@ def test_dro_buffer_is_the_one_process_buffer_on_every_process(runs, name):
         assert buffer["prompts"] == expected["prompts"]
         for key, value in expected["tensors"].items():
             torch.testing.assert_close(buffer["tensors"][key], value, atol=TOL, rtol=0, msg=key)
+
+
+def test_processes_draw_independent_dropout_masks(runs):
+    """The global RNG (dropout) is seeded seed + process index, the shared generator is not (TrainConfig seed 5)."""
+    _, two, rank1 = runs
+    assert (two["global_seed"], rank1["global_seed"]) == (5, 6)
 
 
 def test_resume_under_two_processes_matches_uninterrupted_run(runs):
