@@ -3,8 +3,9 @@ weights agree to 1e-5 for DPO and KTO on the tabular adapter, Diffusion-KTO and 
 KTO's reference point is the global-batch mean (a per-process mean is shown to differ), Diffusion-DRO's buffer is the
 one-process buffer on both processes, and a run interrupted and resumed under two processes matches too.
 
-The two-process runs happen once, in two spawned processes (accelerate reads RANK/WORLD_SIZE/MASTER_* from the
-environment); rank 0 saves what it saw (rank 1 its buffers), the one-process runs happen in the test process.
+The two-process runs happen once, in two forked processes (accelerate reads RANK/WORLD_SIZE/MASTER_* and
+ACCELERATE_USE_CPU from the environment); rank 0 saves what it saw (rank 1 its buffers and seed), the one-process runs
+happen in the test process.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 import socket
+import time
 
 import pytest
 import torch
@@ -36,7 +38,7 @@ class LocalMeanKTO(KTOStep):
 
 
 def labelled_images(n: int) -> list[dict]:
-    """Labelled image rows: alternately desirable and undesirable."""
+    """Labelled image rows: two in three desirable."""
     return [{**r, "desirable": i % 3 != 1} for i, r in enumerate(expert_rows(n, seed=1))]
 
 
@@ -60,7 +62,7 @@ SCENARIOS = {
                       lambda: labelled_images(8), 3e-4),
     "diffusion_dro": (lambda: pixel_adapter(prompt_dropout=0.25),
                       lambda: build_step("diffusion_dro", num_inference_steps=4, trajectories_per_prompt=2,
-                                                 resync_every=2),
+                                         resync_every=2),
                       lambda: expert_rows(8, prompts=("a cat", "a dog", "a fox")), 1e-3),
     "diffusion_dro_ddpm": (lambda: pixel_adapter(),
                            lambda: build_step("diffusion_dro", num_inference_steps=4, scheduler="ddpm", resync_every=2),
@@ -120,7 +122,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     result_file = root / "two.pt"
     # fork: the children start with the parent's imports (a spawned child spends seconds importing diffusers)
-    mp.start_processes(_worker, args=(_free_port(), root / "two", result_file), nprocs=2, start_method="fork")
+    processes = mp.start_processes(_worker, args=(_free_port(), root / "two", result_file), nprocs=2, join=False,
+                                   start_method="fork")
+    deadline = time.monotonic() + 600
+    while not processes.join(timeout=5):  # raises with the child's traceback if one fails
+        if time.monotonic() > deadline:
+            for p in processes.processes:
+                p.kill()
+            pytest.fail("the two training processes did not finish within 10 minutes (a collective waiting forever?)")
     two = torch.load(result_file, weights_only=False)
     rank1_buffers = torch.load(str(result_file) + ".rank1", weights_only=False)
     one = {name: train(name, root / "one") for name in SCENARIOS}
