@@ -72,6 +72,8 @@ def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         result["sides"][name] = entry
     for name in names[1:]:
         result["comparisons"][name] = measure.compare(times["genalign"], times[name])
+    if suite == "image":
+        result["sd15_flops"] = image.sd15_flops()
     return result
 
 

@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from genalign.adapters.clip_prompt import CLIPPromptEncoder
 from genalign.adapters.image import DEFAULT_LORA_TARGETS, ImageDiffusionAdapter
-from genalign.bench.measure import timed
+from genalign.bench.measure import count_flops, timed
 from genalign.data.batching import RowOrder
 from genalign.steps import build_step
 from genalign.train import Trainer, TrainConfig
@@ -91,11 +91,13 @@ def char_clip_tokenizer(directory: Path, max_length: int) -> CLIPTokenizer:
     return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
 
 
-def make_components(config: ImageConfig) -> dict[str, Any]:
-    """Seeded random UNet, VAE, CLIP text encoder, tokenizer and DDPM scheduler with SD 1.5's layout."""
+def make_components(config: ImageConfig, device: str | None = None) -> dict[str, Any]:
+    """Seeded random UNet, VAE, CLIP text encoder, tokenizer and DDPM scheduler with SD 1.5's layout, on ``device``
+    (default: CUDA when available, else the CPU; ``"meta"`` builds shapes only, for FLOP counts)."""
     workdir = tempfile.mkdtemp(prefix="genalign-bench-clip-")
     tokenizer = char_clip_tokenizer(Path(workdir), config.text_length)
-    with torch.random.fork_rng(devices=[]):
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.random.fork_rng(devices=[]), torch.device(device if device == "meta" else "cpu"):
         torch.manual_seed(config.seed)
         unet = UNet2DConditionModel(
             sample_size=config.image_size // 8, in_channels=4, out_channels=4, layers_per_block=2,
@@ -113,7 +115,6 @@ def make_components(config: ImageConfig) -> dict[str, Any]:
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_schedule="scaled_linear",
                               beta_start=0.00085, beta_end=0.012, clip_sample=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     return {"unet": unet.to(device), "vae": vae.to(device), "text_encoder": text.to(device), "tokenizer": tokenizer,
             "scheduler": scheduler}
 
@@ -224,6 +225,21 @@ def build(config: ImageConfig, sides: tuple[str, ...] = ("genalign", "diffusers-
     if unknown:
         raise ValueError(f"unknown image sides {sorted(unknown)}; choose from {sorted(makers)}")
     return {name: makers[name]() for name in sides}
+
+
+def sd15_flops() -> dict[str, float]:
+    """FLOPs of the diffusers-style step on one pair at SD 1.5's real shapes (counted on the meta device, nothing is
+    computed), and the share of them genalign's encoding cache removes (VAE encode of both images + text encoder):
+    the compute-bound ceiling of the speed-up from caching is ``step / (step − cached)``."""
+    config = ImageConfig.for_cuda()
+    loop = peer_loop(make_components(config, "meta"), config)
+    batch = loop.collate(make_rows(replace(config, rows=1)))
+    pixels, ids = batch["pixel_values"].to("meta"), batch["input_ids"].to("meta")
+    step = count_flops(lambda: loop.loss(batch).backward())
+    cached = count_flops(lambda: loop.vae.encode(torch.cat(pixels.chunk(2, dim=1))))
+    cached += count_flops(lambda: loop.text_encoder(ids))
+    return {"step_tflops_per_pair": step / 1e12, "vae_and_text_tflops_per_pair": cached / 1e12,
+            "cached_share": cached / step, "caching_speedup_ceiling": step / (step - cached)}
 
 
 def describe(config: ImageConfig) -> dict[str, Any]:
