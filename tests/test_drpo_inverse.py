@@ -248,5 +248,9 @@ def test_reference_feature_reward_model_generalises_to_held_out_pairs(text_adapt
                       - step.reward_model([(p["prompt"], p["rejected"]) for p in held]))
         accuracy[kind] = float((margin > 0).float().mean())
     assert accuracy["reference"] > 0.6 and accuracy["reference"] > accuracy["hashed"] + 0.05, accuracy
+    records = [(p["prompt"], p["chosen"]) for p in held[:5]]
+    batch = text_adapter.collate([{"prompt": x, "response": y} for x, y in records])
+    reference_rm = InverseAlignmentStep(train, rm_features="reference").new_reward_model(text_adapter)
+    torch.testing.assert_close(reference_rm(batch), reference_rm(records))  # a drawn batch scores like its texts
     with pytest.raises(TypeError, match="not a TextAdapter"):
         InverseAlignmentStep(TAB_PAIRS, rm_features="reference").refit(tab_adapter(), torch.Generator())

@@ -98,7 +98,9 @@ class InverseAlignmentStep(Step):
         samples = draws.draw(adapter, prompts, k, ctx.generator, **self.sample_kwargs)
         responses = draws.responses(samples)
         with torch.no_grad():
-            reward = self.reward_model([(prompts[q // k], r) for q, r in enumerate(responses)]).float().cpu().view(n, k)
+            inputs = samples if isinstance(self.reward_model, ReferenceFeatureReward) else [
+                (prompts[q // k], r) for q, r in enumerate(responses)]  # the samples as drawn, or their texts
+            reward = self.reward_model(inputs).float().cpu().view(n, k)
         loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator,
                                        prefix="inverse")
         metrics.update({"inverse/phase": float(self.phase), "inverse/reward": reward.mean().item(), **self.last_fit})
@@ -172,24 +174,30 @@ class ReferenceFeatureReward(nn.Module):
         self.cache: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
+    def batch_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, 2H]`` features of a collated text batch (e.g. the policy's own samples, as drawn)."""
+        adapter = self.adapter
+        ids, attention, mask = (batch[k].to(adapter._device()) for k in ("input_ids", "attention_mask", "loss_mask"))
+        with adapter._generation_model(use_reference=True) as model, eval_mode(model):
+            h = model(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                      use_cache=False).hidden_states[-1].float()
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+        weights = mask.unsqueeze(-1).float()
+        return torch.cat([h[torch.arange(len(ids)), last], (h * weights).sum(1) / weights.sum(1).clamp(min=1)], -1)
+
     def features(self, inputs: Sequence[tuple[Any, Any]]) -> torch.Tensor:
+        """Features of ``(prompt, response)`` records, cached by their rendering."""
         keys = [render(list(x)) for x in inputs]
         missing = sorted({k: x for k, x in zip(keys, inputs) if k not in self.cache}.items())
         if missing:
-            adapter = self.adapter
-            batch = adapter.collate([{"prompt": p, "response": r} for _, (p, r) in missing])
-            ids, attention, mask = (batch[k].to(adapter._device()) for k in ("input_ids", "attention_mask", "loss_mask"))
-            with adapter._generation_model(use_reference=True) as model, eval_mode(model):
-                h = model(input_ids=ids, attention_mask=attention, output_hidden_states=True,
-                          use_cache=False).hidden_states[-1].float()
-            last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-            weights = mask.unsqueeze(-1).float()
-            feats = torch.cat([h[torch.arange(len(missing)), last], (h * weights).sum(1) / weights.sum(1)], -1).cpu()
-            self.cache.update({k: f for (k, _), f in zip(missing, feats)})
+            batch = self.adapter.collate([{"prompt": p, "response": r} for _, (p, r) in missing])
+            self.cache.update({k: f for (k, _), f in zip(missing, self.batch_features(batch).cpu())})
         return torch.stack([self.cache[k] for k in keys])
 
-    def forward(self, inputs: Sequence[tuple[Any, Any]]) -> torch.Tensor:
-        return self.head(self.features(inputs).to(next(self.head.parameters()).device)).squeeze(-1)
+    def forward(self, inputs: Sequence[tuple[Any, Any]] | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Rewards ``[N]`` of ``(prompt, response)`` records or of a collated sample batch."""
+        feats = self.batch_features(inputs) if isinstance(inputs, dict) else self.features(inputs)
+        return self.head(feats.to(next(self.head.parameters()).device)).squeeze(-1)
 
 
 def fit_bradley_terry(model: nn.Module, pairs: Sequence[dict], *, epochs: int, batch_size: int, lr: float,
