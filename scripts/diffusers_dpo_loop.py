@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     components = image.make_components(config)
     loop = image.peer_loop(components, config)
     rows = image.make_rows(config)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(next(loop.unet.parameters()).device).manual_seed(0)
     for k in range(args.steps):
         batch = loop.collate(rows[k * config.batch_size % len(rows):][: config.batch_size])
         start = time.perf_counter()
