@@ -152,6 +152,12 @@ def test_feedback_pairs_and_labels_rank_base_samples_by_the_judge(dataset, tmp_p
     for row in labels:
         assert row["desirable"] == (row["reward"] > threshold)
         assert reward([row["prompt"]], [row["response"]]).item() == pytest.approx(row["reward"], abs=1e-5)
+    demos = motion_rows.demonstration_rows(dataset, "train")
+    gt = motion_rows.ground_truth_pairs(adapter, dataset, num_prompts=5, seed=3, num_inference_steps=2)
+    assert len({r["row"] for r in gt}) == 5
+    for row in gt:
+        assert torch.equal(row["chosen"], demos[row["row"]]["response"]) and row["prompt"] == demos[row["row"]]["prompt"]
+        assert row["rejected"].shape == row["chosen"].shape and not torch.equal(row["rejected"], row["chosen"])
     with pytest.raises(ValueError, match="KTO needs both kinds"):
         motion_rows.feedback_labels(adapter, dataset, tmp_path / "judge", threshold=1e-6, **kw)
 
@@ -168,14 +174,20 @@ def test_evaluator_metrics_equal_the_protocol_on_the_same_embeddings(dataset, tm
     motions = evaluator.generate(adapter)
     assert [len(m) for m in motions] == evaluator.lengths.tolist()
     gen = evaluator.embed(torch.nn.utils.rnn.pad_sequence(motions, batch_first=True), evaluator.lengths)
-    runs = [evaluate_embeddings(evaluator.text_emb, gen, evaluator.real_emb, generator=i, diversity_pairs=32) for i in range(3)]
+    runs = []
+    for i in range(3):  # bootstrap resamples of the 32 rows, as the docstring says
+        rng = np.random.default_rng(i)
+        rows = rng.choice(32, 32, replace=True)
+        runs.append(evaluate_embeddings(evaluator.text_emb[rows], gen[rows], evaluator.real_emb, generator=rng,
+                                        diversity_pairs=32))
     for short, name in METRIC_NAMES.items():
         values = np.array([r[short] for r in runs])
         assert metrics[name] == pytest.approx(values.mean(), abs=1e-6)
         assert metrics[name + "_ci95"] == pytest.approx(1.96 * values.std() / math.sqrt(3), abs=1e-6)
     assert (tmp_path / "out" / "motion_before_0.gif").stat().st_size > 0
+    assert metrics["mm_dist_ci95"] > 0 and metrics["fid_ci95"] > 0  # resampling moves every metric
     real = evaluator.real_metrics()
-    assert real["fid"] == pytest.approx(0.0, abs=1e-6)  # the real motions against themselves
+    assert set(real) == set(metrics)
 
 
 # ------------------------------------------------------------------------------------------------ experiment

@@ -4,6 +4,9 @@
   preferred motions (Tan et al. 2025) and Diffusion-DRO's expert demonstrations (Wu et al. 2025).
 * :func:`feedback_pairs` — MoDiPO's AI feedback (Pappa et al. 2024): K generations of the frozen base model per
   caption ranked by the judge, (best, worst) as (chosen, rejected) (:func:`genalign.online.pairs.ai_feedback_pairs`).
+* :func:`ground_truth_pairs` — offline Diffusion-DPO pairs without a judge (Wallace et al. 2024's objective on
+  real-vs-generated pairs): chosen = the dataset motion of a caption, rejected = one base generation for that
+  caption at the same length; SoPo's offline counterpart (no online negatives, no threshold, no weighting).
 * :func:`feedback_labels` — per-sample feedback for Diffusion-KTO (Li et al. 2024): base generations, desirable iff
   the judge's reward r(c, x) > ``threshold`` (SoPo's τ = 0.45 by default).
 
@@ -124,6 +127,43 @@ def feedback_pairs(
         if pairs.num_ties:
             log.info("feedback_pairs: %d prompts dropped (all %d samples scored the same)", pairs.num_ties, num_samples)
         return pairs.rows
+
+    return _cached(cache_file, settings, adapter, build)
+
+
+def ground_truth_pairs(
+    adapter: MotionAdapter,
+    root: str | Path,
+    *,
+    split: str = "train",
+    num_prompts: int = 128,
+    seed: int = 0,
+    num_inference_steps: int = 10,
+    guidance_scale: float = 2.5,
+    scheduler: str = "ddim",
+    batch_size: int = 32,
+    cache_file: str | Path | None = None,
+) -> Rows:
+    """Pairs ``{"prompt", "chosen": dataset motion, "rejected": base generation of the same length, "row"}`` for
+    ``num_prompts`` demonstration rows of ``split`` in a seeded random order (``row`` = the demonstration row)."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (prompts per sampling call), got {batch_size}")
+    settings = {"kind": "motion_gt_pairs", "root": str(root), "split": split, "num_prompts": num_prompts,
+                "seed": seed, **_sampling(num_inference_steps, guidance_scale, scheduler)}
+
+    def build() -> Rows:
+        demos = demonstration_rows(root, split)
+        picked = [demos[i] for i in np.random.default_rng(seed).permutation(len(demos))[: int(num_prompts)]]
+        generator = torch.Generator().manual_seed(seed)
+        rows: Rows = []
+        for start in range(0, len(picked), batch_size):
+            chunk = picked[start : start + batch_size]
+            samples = sample_responses(adapter.sample(
+                [d["prompt"] for d in chunk], generator=generator, lengths=[len(d["response"]) for d in chunk],
+                **_sampling(num_inference_steps, guidance_scale, scheduler)))  # fmt: skip
+            rows += [{"prompt": d["prompt"], "chosen": d["response"], "rejected": x, "row": d["row"]}
+                     for d, x in zip(chunk, samples)]
+        return rows
 
     return _cached(cache_file, settings, adapter, build)
 
