@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/genalign-train experiment=text_dpo
+	$(VENV)/bin/genalign-train experiment=digits_dro
 
 test: setup
 	$(PY) -m pytest tests

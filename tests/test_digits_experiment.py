@@ -156,3 +156,29 @@ def test_evaluator_scores_the_ema_weights_and_restores_the_live_ones(tmp_path):
     assert metrics == evaluator.protocol.metrics(ema_images)
     assert metrics != evaluator.protocol.metrics(raw_images)
     assert all(torch.equal(p, value) for p, value in zip(params, live))
+
+
+def test_the_three_digits_experiments_share_one_budget(tmp_path):
+    """DRO, DPO and KTO are compared at the same optimizer steps x batch and the same evaluation protocol."""
+    configs = {name: compose_experiment(name, tmp_path / name) for name in ("digits_dro", "digits_dpo", "digits_kto")}
+    budgets = {name: (cfg.train.max_steps, cfg.train.batch_size, cfg.train.gradient_accumulation_steps)
+               for name, cfg in configs.items()}  # fmt: skip
+    assert len(set(budgets.values())) == 1, budgets
+    evaluators = {name: OmegaConf.to_yaml(cfg.evaluator) for name, cfg in configs.items()}
+    assert len(set(evaluators.values())) == 1
+
+
+def test_digits_dro_experts_are_the_top_digits_of_every_caption(tmp_path, classifier):
+    """digits_dro's experts: the top_k training digits of each caption by the classifier, so every digit is
+    represented about equally (a global top-K keeps far fewer of the hard digits)."""
+    cfg = compose_experiment("digits_dro", tmp_path)
+    rows = instantiate(cfg.data.train)
+    data = DigitsDataset("train", 16)
+    reward = prompted_probability(classifier, data.images, data.prompts)
+    top_k = cfg.data.train.top_k
+    for prompt in set(data.prompts):
+        members = [i for i, p in enumerate(data.prompts) if p == prompt]
+        best = sorted(members, key=lambda i: -float(reward[i]))[:top_k]
+        assert sorted(r["row"] for r in rows if r["prompt"] == prompt) == sorted(best), prompt
+    per_digit = torch.bincount(torch.tensor([parse_digit(r["prompt"]) for r in rows]), minlength=10)
+    assert per_digit.min() >= 0.9 * per_digit.max(), per_digit
