@@ -115,6 +115,9 @@ class Trainer:
         self.scheduler = get_scheduler(
             config.lr_scheduler, self.optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.max_steps
         )
+        deepspeed = self.accelerator.state.deepspeed_plugin
+        if deepspeed is not None:  # no dataloader goes through prepare(), so DeepSpeed is told the per-process batch
+            deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size // world
         adapter.policy, self.optimizer = self.accelerator.prepare(adapter.policy, self.optimizer)
         self.noise = _GeneratorState(config.seed + 1)
         step_state = step.checkpoint_state() if hasattr(step, "checkpoint_state") else []

@@ -274,3 +274,19 @@ def test_deepspeed_configs_give_the_zero_stage_and_genalign_defaults(name, stage
     assert ds["gradient_clipping"] == defaults.max_grad_norm
     assert ds["gradient_accumulation_steps"] == defaults.gradient_accumulation_steps
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)
+
+
+def test_trainer_tells_deepspeed_the_per_process_micro_batch(tmp_path, monkeypatch):
+    """The Trainer prepares no dataloader, so with deepspeed_zero2.yaml's plugin it must set the micro-batch itself
+    (accelerate refuses an 'auto' micro-batch without a dataloader). deepspeed itself is not installed here: the
+    plugin built from the launcher's arguments is handed to a one-process trainer."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    args = launch_args("deepspeed_zero2")
+    plugin = DeepSpeedPlugin(zero_stage=args.zero_stage, gradient_clipping=args.gradient_clipping)
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")
+    monkeypatch.setattr(AcceleratorState, "deepspeed_plugin", property(lambda self: plugin))
+    cfg = TrainConfig(output_dir=str(tmp_path / "ds"), max_steps=1, batch_size=4)
+    Trainer(TabularAdapter(3, 4), build_step("dpo"), pair_rows(8), cfg)
+    assert plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4  # one process: the whole global batch
