@@ -69,7 +69,14 @@ class DROStep(Step):
 
     # ------------------------------------------------------------------------------------------ trainer hooks
     def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
-        """Apply the value network's accumulated gradients (the trainer only steps the policy)."""
+        """Apply the value network's accumulated gradients (the trainer only steps the policy), averaged over the
+        processes first when training is distributed, so every process keeps the same value network."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for param in self.value.parameters():
+                if param.grad is not None:
+                    torch.distributed.all_reduce(param.grad)
+                    param.grad /= world
         self.value_optimizer.step()
         self.value_optimizer.zero_grad(set_to_none=True)
 
