@@ -380,3 +380,35 @@ def test_selm_with_a_judge_uses_online_pairs_then_reference_samples():
     optimism = [alpha * beta * (log_pi[x, y] - log_ref[x, y]) for x, y in zip(CONTEXTS, from_ref)]
     np.testing.assert_allclose(loss.detach().numpy(), dpo + np.array(optimism), rtol=1e-5)
     assert metrics["judge/valid"] == len(pairs)
+
+
+def test_motion_mixture_denoises_with_the_mixed_guided_prediction():
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from genalign.adapters.diffusion_scores import sampling_scheduler
+    from genalign.adapters.motion import MotionAdapter
+    from genalign.models.mdm import MotionDenoiser, MotionDenoiserConfig
+
+    table = torch.randn(2, 384, generator=torch.Generator().manual_seed(0))
+    text = lambda captions: table[torch.tensor([0 if c == "walk" else 1 for c in captions])]  # noqa: E731
+    config = MotionDenoiserConfig(feature_dim=263, cond_dim=384, d_model=32, num_layers=2, num_heads=2, ff_dim=64,
+                                  dropout=0.1, max_frames=16)
+    torch.manual_seed(0)
+    adapter, c = MotionAdapter(MotionDenoiser(config), text), 0.3
+    with torch.no_grad():
+        for p in adapter.policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    options = dict(lengths=[8, 12], num_inference_steps=3, guidance_scale=2.0, scheduler="ddim")
+    got = draws.draw(adapter, ["walk", "jump"], 1, torch.Generator().manual_seed(0), mixture=c, **options)["motion"]
+    sched = sampling_scheduler("ddim", adapter.noise_scheduler.config)
+    sched.set_timesteps(3)
+    mask = torch.arange(12)[None] < torch.tensor([[8], [12]])
+    cond = text(["walk", "jump"])
+    x = randn_tensor((2, 12, 263), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    policy, reference = adapter.unwrapped_policy.eval(), adapter.reference.eval()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            tt, x_in = t.expand(2), sched.scale_model_input(x, t)
+            pred = c * reference.guided(x_in, tt, cond, mask, 2.0) + (1 - c) * policy.guided(x_in, tt, cond, mask, 2.0)
+            x = sched.step(pred, t, x).prev_sample
+    torch.testing.assert_close(got, x * mask.unsqueeze(-1), atol=1e-5, rtol=1e-4)

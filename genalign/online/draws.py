@@ -6,15 +6,15 @@ Geometric mixture (Munos et al. 2023, "Nash Learning from Human Feedback", §6):
     π_c(y | x) ∝ π(y | x)^(1−c) · ref(y | x)^c,
 
 sampled per token for language models (log_softmax(c·ref_logits + (1−c)·policy_logits) at each step), exactly for
-the tabular adapter, and for diffusion as the mixture c·f_ref + (1−c)·f_θ of the two denoisers' predictions at every
-sampling step (the diffusion analogue: a weighted sum of scores is the score of the geometric mixture of the
+the tabular adapter, and for diffusion (image and motion) as the mixture c·f_ref + (1−c)·f_θ of the two denoisers'
+predictions at every sampling step (the diffusion analogue: a weighted sum of scores is the score of the geometric mixture of the
 per-step Gaussian kernels). c = 0 is the policy, c = 1 the reference.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -51,10 +51,12 @@ def draw(
         extra = list(sample_kwargs.pop("logits_processor", []))
         return adapter.sample(prompts, num_samples, generator=generator,
                               logits_processor=LogitsProcessorList([processor, *extra]), **sample_kwargs)
-    from genalign.adapters.image import ImageDiffusionAdapter  # diffusers: imported only when sampling images
+    from genalign.adapters.image import ImageDiffusionAdapter  # diffusers: imported only for diffusion models
+    from genalign.adapters.motion import MotionAdapter
 
-    if isinstance(adapter, ImageDiffusionAdapter):
-        with _denoiser_mixture(adapter, c):
+    reference = {ImageDiffusionAdapter: "reference_unet", MotionAdapter: "reference_model"}.get(type(adapter))
+    if reference is not None:
+        with _denoiser_mixture(adapter, getattr(adapter, reference), c):
             return adapter.sample(prompts, num_samples, generator=generator, **sample_kwargs)
     raise TypeError(f"geometric-mixture sampling is not defined for {type(adapter).__name__}; use mixture=0")
 
@@ -181,38 +183,47 @@ class _TokenMixture(LogitsProcessor):
 
 
 class _MixedDenoiser(torch.nn.Module):
-    """c·f_ref(x_t) + (1−c)·f_θ(x_t): called like a diffusers UNet with ``return_dict=False``."""
+    """c·f_ref + (1−c)·f_θ for every way the sampler calls the network (``forward``; ``guided`` for motion models):
+    the prediction of the geometric mixture's denoiser."""
 
-    def __init__(self, adapter: Any, c: float):
+    def __init__(self, policy: torch.nn.Module, reference: Callable[[], Any], c: float):
         super().__init__()
-        self.policy, self.c = adapter.unwrapped_policy, c
-        self._reference = adapter.reference_unet
+        self.policy, self.c, self._reference = policy, c, reference
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor]:
-        policy = self.policy(*args, **kwargs)[0]
-        with self._reference() as reference:
-            ref = reference(*args, **kwargs)[0]
-        return (self.c * ref + (1 - self.c) * policy,)
+    def _mix(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        policy = getattr(self.policy, name)(*args, **kwargs)
+        with self._reference() as network:
+            reference = getattr(network, name)(*args, **kwargs)
+        if isinstance(policy, tuple):  # diffusers' return_dict=False
+            return (self.c * reference[0] + (1 - self.c) * policy[0],)
+        return self.c * reference + (1 - self.c) * policy
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._mix("__call__", *args, **kwargs)
+
+    def guided(self, *args: Any, **kwargs: Any) -> Any:
+        return self._mix("guided", *args, **kwargs)
 
 
 @contextlib.contextmanager
-def _denoiser_mixture(adapter: Any, c: float) -> Iterator[None]:
-    """Make ``adapter.sample`` denoise with the mixed prediction (both networks in eval mode) for the block."""
+def _denoiser_mixture(adapter: Any, reference: Callable[[], Any], c: float) -> Iterator[None]:
+    """Make ``adapter.sample`` denoise with the mixed prediction (both networks in eval mode) for the block; the
+    adapter's ``_sampling_model`` is shadowed by an instance attribute for the duration."""
     policy = adapter.unwrapped_policy
 
     @contextlib.contextmanager
     def mixed_model(use_reference: bool) -> Iterator[torch.nn.Module]:
-        with adapter.reference_unet() as reference:
-            modes = [(m, m.training) for m in (policy, reference)]
+        with reference() as network:
+            modes = [(m, m.training) for m in (policy, network)]
         try:
             for module, _ in modes:
                 module.eval()
-            yield _MixedDenoiser(adapter, c)
+            yield _MixedDenoiser(policy, reference, c)
         finally:
             for module, training in modes:
                 module.train(training)
 
-    adapter._sampling_model = mixed_model  # instance attribute: shadows the method for this block only
+    adapter._sampling_model = mixed_model
     try:
         yield
     finally:
