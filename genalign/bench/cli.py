@@ -4,8 +4,9 @@ Speed suites (``text``, ``image``) build every side on the same model, data, bat
 ``--reps`` repetitions; each repetition runs every side for ``--warmup`` untimed and ``--steps`` timed optimizer
 steps, alternating which side goes first. The peak-memory growth of each side is measured in a fresh subprocess
 running that side alone (see :mod:`genalign.bench.measure`). The ``online`` suite reports the sampling share of
-Diffusion-DRO and SoPo steps. ``--suite cpu`` runs all three; on a CUDA machine the suites pick their GPU sizes
-(SD-1.5-shaped UNet, ~0.5B LM, bf16) and report model FLOPs utilisation.
+Diffusion-DRO and SoPo steps. ``--suite cpu`` runs all three on the CPU (CUDA hidden); ``--suite all`` (or a single
+suite) on a CUDA machine picks the GPU sizes (SD-1.5-shaped UNet, ~0.5B LM, bf16) and reports model FLOPs
+utilisation; ``--compile`` runs genalign's policy through ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -103,7 +105,8 @@ def memory_worker(spec: str, steps: int, compile_policy: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="genalign-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=("text", "image", "online", "cpu", "all"), default="cpu",
-                        help="one suite, or cpu/all for every suite (sizes follow the device)")
+                        help="one suite (sizes follow the device), 'cpu' for every suite on the CPU with CUDA hidden, "
+                             "or 'all' for every suite on the best device")
     parser.add_argument("--reps", type=int, default=4, help="repetitions per side (alternating)")
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per repetition")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before each repetition's timed ones")
@@ -122,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if min(args.reps, args.steps) < 1 or args.warmup < 0:
         parser.error("--reps and --steps must be >= 1 and --warmup >= 0")
+    if args.suite == "cpu":  # before anything initialises CUDA; the memory subprocesses inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     suites = ["text", "image", "online"] if args.suite in ("cpu", "all") else [args.suite]
     results: dict[str, Any] = {
         "command": "genalign-bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
