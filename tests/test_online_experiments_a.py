@@ -80,3 +80,15 @@ def test_resumed_online_run_draws_the_same_samples_and_ends_with_the_same_weight
     assert resumed["history"][-1]["loss"] == straight["history"][-1]["loss"]
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("a", "b"))
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_short_motion_oaif_experiment_judges_with_the_text_motion_reward(tmp_path):
+    out = tmp_path / "motion_oaif"
+    cfg = compose_experiment("motion_oaif", out, *SHORT, "train.batch_size=2", "data.train.num_prompts=4",
+                             "evaluator.num_prompts=32", "evaluator.num_inference_steps=2", "evaluator.replications=2",
+                             "evaluator.num_gifs=0", "objective.sample.num_inference_steps=2")
+    metrics = run(cfg)
+    assert {"r_precision_top3", "fid", "mm_dist"} <= set(json.loads((out / "metrics.json").read_text())["after"])
+    first = metrics["history"][0]
+    assert first["judge/pairs"] == 2 and first["judge/nan"] == 0
+    assert first["loss"] == pytest.approx(math.log(2) if first["judge/valid"] else 0.0, rel=1e-5)

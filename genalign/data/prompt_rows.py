@@ -17,3 +17,10 @@ def digit_caption_rows(repeats: int = 1) -> list[dict[str, Any]]:
     from genalign.data.digits_rows import all_captions
 
     return prompt_rows(all_captions(repeats))
+
+
+def motion_caption_rows(split: str = "train", num_prompts: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+    """``num_prompts`` seeded captions of the embedded synthetic motion set's ``split``, as prompt rows."""
+    from genalign.data.motion_rows import synthetic_motion_root, training_prompts
+
+    return prompt_rows(training_prompts(synthetic_motion_root(), split, num_prompts, seed))
