@@ -159,14 +159,21 @@ def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict[str
 
 
 def machine_facts() -> dict[str, Any]:
-    """What ran the benchmark: CPU model and core count, memory, Python/torch versions, GPU if any."""
+    """What ran the benchmark: CPU model and core count, memory, load, library versions, GPU if any."""
+    from importlib.metadata import PackageNotFoundError, version
+
     facts: dict[str, Any] = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "cpu_cores_visible": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average_1m_at_start": round(os.getloadavg()[0], 1),
         "platform": platform.platform(),
     }
+    for package in ("torch", "transformers", "diffusers", "accelerate", "peft", "trl"):
+        try:
+            facts[package] = version(package)
+        except PackageNotFoundError:
+            facts[package] = "not installed"
     try:
         with open("/proc/cpuinfo") as f:
             facts["cpu_model"] = re.search(r"model name\s*:\s*(.+)", f.read()).group(1).strip()
