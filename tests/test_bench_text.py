@@ -16,7 +16,8 @@ TINY = text.TextConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_position
 
 
 def test_genalign_and_trl_dpo_losses_match_step_by_step():
-    sides = text.build(TINY)
+    # the full-softmax lever-off variant must compute the same thing, only slower
+    sides = text.build(TINY, ("genalign", "trl", "trl+precompute", "genalign-full-softmax"))
     losses = {name: [side.step() for _ in range(4)] for name, side in sides.items()}
     ours = losses.pop("genalign")
     assert ours[0] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 0

@@ -28,7 +28,7 @@ from genalign.bench import image, measure, online, report, text
 SPEED_SUITES = {"text": text, "image": image}
 PEERS = {"text": ["trl", "trl+precompute"], "image": ["diffusers-loop"]}
 #: genalign variants with one lever switched, measured next to the default
-LEVERS = {"text": ["genalign-no-cache"], "image": ["genalign-channels-last"]}
+LEVERS = {"text": ["genalign-no-cache", "genalign-full-softmax"], "image": ["genalign-channels-last"]}
 
 
 def suite_config(module):

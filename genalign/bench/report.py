@@ -26,6 +26,7 @@ SIDES = {
     "trl+precompute": "TRL `DPOTrainer`, `precompute_ref_log_probs=True`",
     "diffusers-loop": "`scripts/diffusers_dpo_loop.py` (VAE + text encoder every step)",
     "genalign-no-cache": "lever off: genalign recomputing reference scores every step",
+    "genalign-full-softmax": "lever off: genalign scoring with logits at every position and a full log-softmax",
     "genalign-channels-last": "lever on: genalign with a channels-last UNet",
 }
 
@@ -108,6 +109,10 @@ def _findings(suites: dict[str, Any], device: str) -> list[str]:
         if "genalign-no-cache" in comparisons:
             lines.append(f"- text, cached reference scores: genalign with the cache is "
                          f"{comparisons['genalign-no-cache']['ratio_median']:.2f}x genalign recomputing them.")
+        if "genalign-full-softmax" in comparisons:
+            lines.append(f"- text, log-probs as target logit − float32 `logsumexp` on the kept positions (LM head from "
+                         f"the first completion token on) instead of a full log-softmax over every position: "
+                         f"{comparisons['genalign-full-softmax']['ratio_median']:.2f}x.")
         if "trl+precompute" in sides:
             lines.append(f"- text, log-probs from the first completion token on (`logits_to_keep`) in float32 "
                          f"`logsumexp`, without building a log-softmax: {sides['genalign']['flops_per_step'] / 1e9:.1f} "

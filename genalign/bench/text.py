@@ -22,11 +22,14 @@ import random
 import string
 import tempfile
 from dataclasses import asdict, dataclass
+from contextlib import nullcontext
 from typing import Any
+from unittest import mock
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import genalign.adapters.text as text_adapter
 from genalign.adapters.text import TextAdapter
 from genalign.bench.measure import timed
 from genalign.data.batching import RowOrder
@@ -84,13 +87,24 @@ def make_model(config: TextConfig, tokenizer) -> GPT2LMHeadModel:
         return GPT2LMHeadModel(gpt2)
 
 
+def full_softmax_logps(model: torch.nn.Module, ids: torch.Tensor, attention: torch.Tensor, mask: torch.Tensor,
+                       keep_logits: bool) -> torch.Tensor:
+    """The textbook sequence log-prob (lever off): logits at every position, a full-vocabulary float32
+    ``log_softmax``, then the targets gathered; same value as :func:`genalign.adapters.text._sequence_logps`."""
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
+    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token_logps * mask[:, 1:]).sum(-1)
+
+
 class GenalignDPO:
-    """genalign's trainer on a TextAdapter (full fine-tune, frozen reference copy); ``cache_reference=False`` is the
-    lever-off variant that recomputes the reference scores every step."""
+    """genalign's trainer on a TextAdapter (full fine-tune, frozen reference copy). Lever-off variants:
+    ``cache_reference=False`` recomputes the reference scores every step; ``full_softmax=True`` scores with
+    :func:`full_softmax_logps` instead of genalign's kept-positions ``logsumexp``."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, rows: list[dict], config: TextConfig, order: RowOrder,
-                 cache_reference: bool = True):
-        self.name = "genalign" if cache_reference else "genalign-no-cache"
+                 cache_reference: bool = True, full_softmax: bool = False):
+        self.name = "genalign-full-softmax" if full_softmax else "genalign" if cache_reference else "genalign-no-cache"
+        self.full_softmax = full_softmax
         self.workdir = tempfile.TemporaryDirectory(prefix="genalign-bench-")
         adapter = TextAdapter(model, tokenizer, reference="copy", max_length=config.n_positions,
                               max_prompt_length=config.n_positions - 1)
@@ -108,7 +122,9 @@ class GenalignDPO:
 
     def step(self) -> float:
         """One optimizer step on the next micro-batch of the shared order; returns the loss."""
-        logs = self.trainer._optimizer_step()
+        lever_off = mock.patch.object(text_adapter, "_sequence_logps", full_softmax_logps)
+        with lever_off if self.full_softmax else nullcontext():
+            logs = self.trainer._optimizer_step()
         self.trainer.global_step += 1
         return logs["loss"]
 
@@ -171,6 +187,8 @@ def build(config: TextConfig, sides: tuple[str, ...] = ("genalign", "trl", "trl+
     makers = {
         "genalign": lambda: GenalignDPO(copy.deepcopy(model), tokenizer, rows, config, order),
         "genalign-no-cache": lambda: GenalignDPO(copy.deepcopy(model), tokenizer, rows, config, order, False),
+        "genalign-full-softmax": lambda: GenalignDPO(copy.deepcopy(model), tokenizer, rows, config, order,
+                                                     full_softmax=True),
         "trl": lambda: TRLDPO(copy.deepcopy(model), copy.deepcopy(tokenizer), rows, config, order),
         "trl+precompute": lambda: TRLDPO(copy.deepcopy(model), copy.deepcopy(tokenizer), rows, config, order, True),
     }
