@@ -1,4 +1,4 @@
-"""A small scalar network over any prompt (or prompt + response): hashed character n-grams -> EmbeddingBag -> MLP.
+"""A small scalar network over any prompt (or prompt + response): hashed character n-grams -> mean embedding -> MLP.
 
 Used as DRO's value function V(x) and as the re-fitted reward model of inverse alignment. It needs nothing from the
 modality: a prompt is rendered to a string (``str`` as is, anything else as JSON, tensors as their values), so it
@@ -29,7 +29,11 @@ def render(value: Any) -> str:
 
 
 class HashedTextNet(nn.Module):
-    """``f(s) = MLP(Σ_{g ∈ features(s)} E[g])`` (``hidden = 0``: a linear model, ``f(s) = Σ_g w_g + b``)."""
+    """``f(s) = MLP(mean_{g ∈ features(s)} E[g])`` (``hidden = 0``: a linear model, ``f(s) = mean_g w_g + b``).
+
+    The mean, not the sum, keeps one optimizer step's change of f independent of the input's length (a long caption
+    has hundreds of n-grams; with a sum Adam would move its value hundreds of times further than a short prompt's).
+    """
 
     def __init__(self, buckets: int = 2**14, ngrams: Sequence[int] = (1, 2, 3), hidden: int = 0):
         super().__init__()
@@ -38,7 +42,7 @@ class HashedTextNet(nn.Module):
                              f"buckets={buckets}, hidden={hidden}, ngrams={list(ngrams)}")
         self.buckets, self.ngrams = int(buckets), tuple(int(n) for n in ngrams)
         width = hidden or 1
-        self.embed = nn.EmbeddingBag(self.buckets, width, mode="sum")
+        self.embed = nn.EmbeddingBag(self.buckets, width, mode="mean")
         nn.init.zeros_(self.embed.weight)
         if hidden:
             nn.init.normal_(self.embed.weight, std=0.1)
