@@ -111,6 +111,7 @@ def sopo_setup(seed: int = 0) -> tuple[Adapter, dict[str, Any], list[dict]]:
     evaluator = TextMotionEvaluator(EvaluatorConfig(word_dim=SeededWords.dim, movement_hidden=64, movement_latent=64,
                                                     motion_hidden=64, text_hidden=64, embed_dim=32),
                                     word_vectors=SeededWords()).eval()
+    evaluator.to("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator().manual_seed(seed)
     captions = ["a person walks forward", "someone jumps twice", "a man waves his hand", "a person kicks"]
     rows = [{"prompt": captions[i % 4], "response": torch.randn(int(torch.randint(60, 120, (1,), generator=g)), 263,
