@@ -1,5 +1,6 @@
-"""The issue-5 experiment configs of DRO, PMPO, SeRA, OSP, DR-PO, inverse alignment and multi-turn DPO/KTO compose,
-build their steps and data, and a short text_dro run writes its before/after metrics."""
+"""The issue-5 experiment configs (text, digits, motion) of DRO, PMPO, SeRA, OSP, DR-PO, inverse alignment and
+multi-turn DPO/KTO compose and build their steps, text rows fit their objective, and a short text_dro run writes
+its before/after metrics."""
 
 import json
 
@@ -13,7 +14,7 @@ from genalign.steps import build_step
 
 TEXT = ["text_dro", "text_pmpo", "text_sera", "text_osp", "text_drpo", "text_inverse_alignment",
         "text_multiturn_dpo", "text_multiturn_kto"]
-DIGITS = ["digits_pmpo", "digits_sera", "digits_drpo"]
+DIFFUSION = ["digits_pmpo", "digits_sera", "digits_drpo", "motion_dro", "motion_pmpo", "motion_sera"]
 
 
 def composed(name, tmp_path, *overrides):
@@ -22,7 +23,7 @@ def composed(name, tmp_path, *overrides):
                                                         *overrides])
 
 
-@pytest.mark.parametrize("name", TEXT + DIGITS)
+@pytest.mark.parametrize("name", TEXT + DIFFUSION)
 def test_experiment_builds_its_step(tmp_path, name):
     cfg = composed(name, tmp_path)
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
