@@ -228,3 +228,38 @@ def test_few_step_motion_sopo_run_lowers_the_sopo_loss(dataset, tmp_path):
 
     assert sopo_loss(tmp_path / "mdm") == pytest.approx(math.log(2), abs=1e-6)
     assert sopo_loss(out / "final") < math.log(2) - 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ shipped base
+def test_shipped_base_is_a_small_x0_mdm_whose_motions_spread_like_real_ones():
+    """Base samples of 12 test captions are spread in the shipped evaluator's space about like the real motions
+    (an untrained denoiser of the same size collapses to one pose), and follow their captions less than the real
+    motions do (the room alignment should fill)."""
+    from genalign.cli import asset_path
+
+    folder = Path(asset_path("motion-mdm"))
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 10 * 2**20
+    shipped = MotionDenoiser.from_pretrained(folder)
+    assert shipped.config.prediction_type == "sample" and shipped.config.cond_drop_prob == 0.1
+    torch.manual_seed(0)
+    untrained = MotionDenoiser(shipped.config)
+    evaluator = TextMotionEvaluator.load(asset_path("motion-evaluator"))
+    rows = motion_rows.demonstration_rows(motion_rows.synthetic_motion_root(), "test")[::11][:12]
+    prompts = [r["prompt"] for r in rows]
+    real = torch.nn.utils.rnn.pad_sequence([r["response"] for r in rows], batch_first=True)
+
+    def spread(embeddings):  # mean pairwise distance
+        return torch.cdist(embeddings, embeddings).sum().item() / (len(embeddings) * (len(embeddings) - 1))
+
+    with torch.no_grad():
+        real_emb = evaluator.encode_motion(real, [len(r["response"]) for r in rows])
+        spreads, matched = {}, {}
+        for name, model in (("shipped", shipped), ("untrained", untrained)):
+            batch = MotionAdapter(model).sample(prompts, generator=torch.Generator().manual_seed(0), lengths=[64] * 12,
+                                                num_inference_steps=10, scheduler="ddim")
+            emb = evaluator.encode_motion(batch["motion"], batch["mask"].sum(1))
+            spreads[name] = spread(emb)
+            matched[name] = (evaluator.encode_text(prompts) - emb).norm(dim=1).mean().item()
+        real_matched = (evaluator.encode_text(prompts) - real_emb).norm(dim=1).mean().item()
+    assert spreads["shipped"] > 0.4 * spread(real_emb) and spreads["untrained"] < 0.1 * spread(real_emb)
+    assert matched["shipped"] > 2 * real_matched
