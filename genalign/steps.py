@@ -137,7 +137,13 @@ def build_step(name: str, **params: Any):
     if name in ONLINE_STEPS:
         module, _, attr = ONLINE_STEPS[name].partition(":")
         cls = getattr(importlib.import_module(module), attr)
-        _reject_unknown(name, params, set(inspect.signature(cls).parameters))
+        signature = inspect.signature(cls).parameters
+        _reject_unknown(name, params, set(signature))
+        missing = [k for k, v in signature.items() if v.default is inspect.Parameter.empty
+                   and v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD) and k not in params]
+        if missing:
+            raise ValueError(f"objective {name!r} needs {missing}: set them in the objective config or on the command "
+                             f"line, e.g. objective.{missing[0]}=...")
         return cls(**params)
     if name not in OFFLINE_STEPS:
         known = sorted(objectives.OBJECTIVES)

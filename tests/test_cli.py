@@ -60,9 +60,10 @@ def test_every_objective_config_builds_its_step(path):
     from genalign.steps import build_step
 
     params = yaml.safe_load(path.read_text())
-    if params.get("evaluator") == "???":  # SoPo: the judges come from a trained evaluator the user points at
-        with pytest.raises(ValueError, match="needs a text-motion reward"):
-            build_step(**{k: v for k, v in params.items() if k != "evaluator"})
+    required = [k for k, v in params.items() if v == "???"]  # fields the user must point at (a judge, an evaluator)
+    if required:
+        with pytest.raises(ValueError, match="needs"):
+            build_step(**{k: v for k, v in params.items() if k not in required})
         return
     step = build_step(**params)
     assert callable(step)
