@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from accelerate import PartialState
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,8 +41,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Build adapter, data, objective step and evaluator from ``cfg`` and train; returns the metrics."""
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown the progress
     out = Path(cfg.output_dir)
+    main_process = PartialState().is_main_process  # under `accelerate launch` only process 0 writes and prints
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if main_process:
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
     step = build_step(**objective)
     adapter = instantiate(cfg.adapter)
@@ -49,7 +52,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     evaluator = instantiate(cfg.evaluator) if cfg.get("evaluator") else None
     train_cfg = TrainConfig(output_dir=str(out), **OmegaConf.to_container(cfg.train, resolve=True))
     metrics = Trainer(adapter, step, rows, train_cfg, evaluate=evaluator).train()
-    print(format_before_after(metrics))
+    if main_process:
+        print(format_before_after(metrics))
     return metrics
 
 
