@@ -97,7 +97,7 @@ def test_resync_every_step_samples_with_the_updated_policy():
         loss, _ = step(adapter, rows, ctx(global_step))
         sgd_step(adapter, loss)
         step.on_optimizer_step(adapter, global_step)
-        assert len(step.buffer) == 0 and step.snapshot is None  # M = 1: the snapshot is the live policy
+        assert len(step.buffer) == 0 and step.snapshot.tensors is None  # M = 1: the snapshot is the live policy
         step.fill(adapter, [r["prompt"] for r in rows], torch.Generator().manual_seed(9))
         for n in range(len(step.buffer)):
             eps_hat = step.buffer.tensors["eps_hat"][n]
@@ -127,7 +127,7 @@ def test_resync_every_three_steps_lags_and_reuses_the_buffer():
         assert (eps_hat - current).abs().max() > 1e-3
     adapter.unwrapped_policy.train()
     initial_weights = dict(initial.named_parameters())
-    for name, tensor in step.snapshot.items():
+    for name, tensor in step.snapshot.tensors.items():
         assert torch.equal(tensor, initial_weights[name])
     sgd_step(adapter, loss)
     step.on_optimizer_step(adapter, 2)
@@ -137,7 +137,7 @@ def test_resync_every_three_steps_lags_and_reuses_the_buffer():
     step.on_optimizer_step(adapter, 3)
     assert len(step.buffer) == 0
     current = dict(adapter.unwrapped_policy.named_parameters())
-    for name, tensor in step.snapshot.items():
+    for name, tensor in step.snapshot.tensors.items():
         assert torch.equal(tensor, current[name]) and tensor.data_ptr() != current[name].data_ptr()
 
 

@@ -60,6 +60,7 @@ from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.distributed import Shard
 from genalign.objectives import diffusion_dro
 from genalign.objectives._checks import in_range
+from genalign.online.self_pairs import PolicySnapshot
 from genalign.steps import Step, StepContext
 from genalign.types import DemonstrationBatch
 
@@ -160,16 +161,16 @@ class DiffusionDROStep(Step):
         self.num_inference_steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
         self.scheduler = scheduler
         self.buffer = TrajectoryBuffer()
-        #: trainable weights of θ_s by parameter name; ``None`` = the live policy (always so when M = 1)
-        self.snapshot: dict[str, torch.Tensor] | None = None
+        #: θ_s; empty (``tensors is None``) = the live policy, always so when M = 1
+        self.snapshot = PolicySnapshot()
 
     # ------------------------------------------------------------------------------------------ the loss
     def __call__(self, adapter: ImageDiffusionAdapter, rows: Sequence[dict], ctx: StepContext):
         if not isinstance(adapter, ImageDiffusionAdapter):
             raise TypeError(f"Diffusion-DRO trains text-to-image diffusion: it needs an ImageDiffusionAdapter, got "
                             f"{type(adapter).__name__}")
-        if self.resync_every > 1 and self.snapshot is None:
-            self._sync(adapter)
+        if self.resync_every > 1 and self.snapshot.tensors is None:
+            self.snapshot.sync(adapter)
         generator = ctx.generator
         batch = DemonstrationBatch(adapter.collate(_demonstrations(rows)), size=len(rows)).to(_device(adapter))
         expert = batch.demonstrations
@@ -256,27 +257,12 @@ class DiffusionDROStep(Step):
 
     @contextmanager
     def _snapshot_weights(self, adapter: ImageDiffusionAdapter) -> Iterator[None]:
-        """Swap the snapshot's tensors into the policy's trainable parameters for the duration (by pointer)."""
-        if self.snapshot is None:
+        """Sample with θ_s (swapped in by pointer), or with the live policy while the snapshot is empty (M = 1)."""
+        if self.snapshot.tensors is None:
             yield
             return
-        params = _trainable(adapter)
-        if set(params) != set(self.snapshot):
-            raise ValueError("the sampler snapshot does not match the policy's trainable parameters (a checkpoint "
-                             "from another model or LoRA setting?)")
-        self._swap(params)
-        try:
+        with self.snapshot.swapped(adapter):
             yield
-        finally:
-            self._swap(params)
-
-    def _swap(self, params: dict[str, torch.nn.Parameter]) -> None:
-        for name, param in params.items():
-            live, param.data = param.data, self.snapshot[name].to(param.device, param.dtype)
-            self.snapshot[name] = live
-
-    def _sync(self, adapter: ImageDiffusionAdapter) -> None:
-        self.snapshot = {name: p.detach().clone() for name, p in _trainable(adapter).items()}
 
     # ------------------------------------------------------------------------------------------ trainer hooks
     def on_optimizer_step(self, adapter: ImageDiffusionAdapter, global_step: int) -> None:
@@ -284,17 +270,16 @@ class DiffusionDROStep(Step):
         if global_step % self.resync_every == 0:
             self.buffer.clear()
             if self.resync_every > 1:
-                self._sync(adapter)
+                self.snapshot.sync(adapter)
 
     def checkpoint_state(self) -> list[Any]:
         return [self]
 
     def state_dict(self) -> dict[str, Any]:
-        snapshot = dict(self.snapshot) if self.snapshot is not None else None
-        return {"snapshot": snapshot, "buffer": self.buffer.state_dict()}
+        return {"snapshot": self.snapshot.state_dict()["tensors"], "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.snapshot = dict(state["snapshot"]) if state["snapshot"] is not None else None
+        self.snapshot.load_state_dict({"tensors": state["snapshot"]})
         self.buffer.load_state_dict(state["buffer"])
 
 
@@ -321,10 +306,6 @@ def _demonstrations(rows: Sequence[dict]) -> list[dict[str, Any]]:
                              "'chosen' to 'response'")
         records.append({"prompt": r.get("prompt"), "response": r.get("response"), "row": r.get("row", i)})
     return records
-
-
-def _trainable(adapter: ImageDiffusionAdapter) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
 
 
 def _device(adapter: ImageDiffusionAdapter) -> torch.device:
