@@ -9,22 +9,21 @@ r(x, c) = p_cls(d(c) | x), the probability of the digit the caption names.
   r(x, c) > ``threshold`` (0.5: the classifier thinks the prompted digit more likely than all others together).
 
 The base samples are drawn from the adapter about to be trained, before training (so from the base model), with a
-seeded generator, and cached in ``cache_file`` together with a key of every setting and a digest of the model's
+seeded generator, and cached in ``cache_file`` (:func:`genalign.data.row_cache.cached_rows`) together with a key of every setting and a digest of the model's
 weights: reruns and resumed runs load them instead of sampling again, and a changed setting or model resamples.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.data.digits import CAPTION_TEMPLATES, DigitsDataset, caption
+from genalign.data.row_cache import cached_rows
 from genalign.online.pairs import Reward, ai_feedback_pairs, demonstration_set, rewards, sample_responses
 from genalign.rewards.digit_classifier import DigitPromptReward, load_digit_classifier
 
@@ -84,7 +83,7 @@ def feedback_pairs(
             log.info("feedback_pairs: %d prompts dropped (all %d samples scored the same)", pairs.num_ties, num_samples)
         return pairs.rows
 
-    return _cached(cache_file, settings, adapter, build)
+    return cached_rows(cache_file, settings, adapter, build)
 
 
 def feedback_labels(
@@ -127,34 +126,5 @@ def feedback_labels(
         log.info("feedback_labels: %d of %d base samples desirable (reward > %g)", liked, len(rows), threshold)
         return rows
 
-    return _cached(cache_file, settings, adapter, build)
+    return cached_rows(cache_file, settings, adapter, build)
 
-
-def _cached(cache_file: str | Path | None, settings: dict[str, Any], adapter: ImageDiffusionAdapter,
-            build: Callable[[], Rows]) -> Rows:
-    """``build()``, or the rows stored in ``cache_file`` under the same settings and base weights."""
-    if cache_file is None:
-        return build()
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + _weights_digest(adapter).encode()).hexdigest()
-    path = Path(cache_file)
-    if path.exists():
-        stored = torch.load(path, weights_only=True)
-        if stored.get("key") == key:
-            log.info("loaded %d cached rows from %s", len(stored["rows"]), path)
-            return stored["rows"]
-        log.warning("%s was built with other settings or another base model; sampling the rows again", path)
-    rows = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "settings": settings, "rows": rows}, tmp)
-    tmp.replace(path)
-    return rows
-
-
-def _weights_digest(adapter: ImageDiffusionAdapter) -> str:
-    """sha256 of the policy's weights (names and values): the base model the samples came from."""
-    digest = hashlib.sha256()
-    for name, tensor in adapter.unwrapped_policy.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()

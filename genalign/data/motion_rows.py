@@ -16,7 +16,7 @@ used through the retrieval reward r(c, x) = exp(−|e_text(c) − e_motion(x)| /
 normalised with the dataset's ``Mean.npy``/``Std.npy`` (the base model's space), cut to their real length.
 
 Base generations are drawn from the adapter about to be trained (the base model), with a seeded generator, and
-cached in ``cache_file`` keyed by the settings and a digest of the base weights (as the digits rows do).
+cached in ``cache_file`` keyed by the settings and a digest of the base weights (:func:`genalign.data.row_cache.cached_rows`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from genalign.adapters.motion import MotionAdapter, pad_motions
-from genalign.data.digits_rows import _cached
 from genalign.data.humanml3d import HumanML3DDataset
+from genalign.data.row_cache import cached_rows
 from genalign.data.synthetic_motion import ensure_dataset
 from genalign.models.t2m_evaluator import TextMotionEvaluator
 from genalign.online.pairs import Reward, ai_feedback_pairs, rewards, sample_responses
@@ -128,7 +128,7 @@ def feedback_pairs(
             log.info("feedback_pairs: %d prompts dropped (all %d samples scored the same)", pairs.num_ties, num_samples)
         return pairs.rows
 
-    return _cached(cache_file, settings, adapter, build)
+    return cached_rows(cache_file, settings, adapter, build)
 
 
 def ground_truth_pairs(
@@ -165,7 +165,7 @@ def ground_truth_pairs(
                      for d, x in zip(chunk, samples)]
         return rows
 
-    return _cached(cache_file, settings, adapter, build)
+    return cached_rows(cache_file, settings, adapter, build)
 
 
 def feedback_labels(
@@ -214,7 +214,7 @@ def feedback_labels(
                              f"[{min(r['reward'] for r in rows):.3f}, {max(r['reward'] for r in rows):.3f}]")
         return rows
 
-    return _cached(cache_file, settings, adapter, build)
+    return cached_rows(cache_file, settings, adapter, build)
 
 
 def _sampling(num_inference_steps: int, guidance_scale: float, scheduler: str) -> dict[str, Any]:
