@@ -36,7 +36,8 @@ Evaluator = Callable[[Adapter], dict[str, float]]
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of a run. ``batch_size`` is the global micro-batch, split across processes."""
+    """Hyper-parameters of a run. ``batch_size`` is the global micro-batch, split across processes; ``compile``
+    runs the (accelerate-prepared) policy through ``torch.compile``."""
 
     output_dir: str = "outputs/run"
     max_steps: int = 100
@@ -50,6 +51,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
@@ -119,6 +121,9 @@ class Trainer:
         if deepspeed is not None:  # no dataloader goes through prepare(), so DeepSpeed is told the per-process batch
             deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size // world
         adapter.policy, self.optimizer = self.accelerator.prepare(adapter.policy, self.optimizer)
+        self.model = adapter.policy  # the prepared module: accelerate gathers its (possibly sharded) state dict
+        if config.compile:  # around the DDP/FSDP wrapper, as accelerate's dynamo plugin does
+            adapter.policy = torch.compile(adapter.policy)
         self.noise = _GeneratorState(config.seed + 1)
         step_state = step.checkpoint_state() if hasattr(step, "checkpoint_state") else []
         self.accelerator.register_for_checkpointing(self.scheduler, self.noise, *adapter.checkpoint_state(), *step_state)
@@ -138,11 +143,10 @@ class Trainer:
             self.metrics["before"] = self._evaluate("before")
             self._write_metrics()
         if cfg.cache_reference:
-            self._cache_reference_scores()
+            self.cache_reference_scores()
         bar = tqdm(total=cfg.max_steps, initial=self.global_step, disable=not acc.is_local_main_process, desc="train")
         while self.global_step < cfg.max_steps:
-            logs = self._optimizer_step()
-            self.global_step += 1
+            logs = self.step()
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             self._after_step(logs)
@@ -151,15 +155,33 @@ class Trainer:
             self.metrics["after"] = self._evaluate("after")
         self.metrics["history"] = self.history
         self._write_metrics()
+        self.save_final()
         if acc.is_main_process:
-            self.adapter.save(str(self.output_dir / "final"))
             _plot_curves(self.history, self.output_dir / "training_curve.png")
         for tracker in acc.trackers:  # not end_training(): that also tears down the process group, which the
             tracker.finish()  # caller may still need (another trainer, evaluation); it ends with the process
         return self.metrics
 
+    def save_final(self) -> Path:
+        """Write the trained weights to ``output_dir/final`` in the adapter's layout (:meth:`Adapter.save`).
+
+        Every process calls this: ``Accelerator.get_state_dict`` gathers FSDP / ZeRO-3 shards into full tensors
+        (a collective), then the main process saves them through :meth:`Adapter.holding`.
+        """
+        acc = self.accelerator
+        final = self.output_dir / "final"
+        state_dict = acc.get_state_dict(self.model)
+        if acc.is_main_process:
+            with self.adapter.holding(state_dict):
+                self.adapter.save(str(final))
+        acc.wait_for_everyone()
+        return final
+
     # ------------------------------------------------------------------ one optimizer step
-    def _optimizer_step(self) -> dict[str, float]:
+    def step(self) -> dict[str, float]:
+        """One optimizer step (``gradient_accumulation_steps`` micro-batches of the next global batches); advances
+        :attr:`global_step` and returns the step's logs (loss, metrics, grad_norm, lr; means over processes).
+        :meth:`train` calls it; benchmarks and custom loops may too (no evaluation, logging or checkpoints)."""
         acc, cfg = self.accelerator, self.cfg
         ctx = StepContext(generator=self.noise.generator, global_mean=self._global_mean, shard=self.shard)
         sums: dict[str, float] = {}
@@ -190,6 +212,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.gradient_accumulation_steps
         self.scheduler.step()
         sums["lr"] = self.scheduler.get_last_lr()[0]
+        self.global_step += 1
         return {k: self._global_mean(torch.tensor(v, device=acc.device)).item() for k, v in sums.items()}
 
     def _after_step(self, logs: dict[str, float]) -> None:
@@ -231,7 +254,7 @@ class Trainer:
             _atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.metrics, indent=2))
 
     # ------------------------------------------------------------------ reference cache
-    def _cache_reference_scores(self) -> None:
+    def cache_reference_scores(self) -> None:
         """Precompute reference scores once when they cannot change (deterministic scores, pairwise rows)."""
         if not (self.adapter.deterministic and self.rows and "chosen" in self.rows[0]):
             return

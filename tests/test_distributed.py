@@ -1,7 +1,8 @@
-"""Two CPU processes (gloo) train exactly like one process with the same global batch: per-step losses and final
-weights agree to 1e-5 for DPO and KTO on the tabular adapter, Diffusion-KTO and Diffusion-DRO on the tiny pixel UNet;
-KTO's reference point is the global-batch mean (a per-process mean is shown to differ), Diffusion-DRO's buffer is the
-one-process buffer on both processes, and a run interrupted and resumed under two processes matches too.
+"""Two CPU processes (gloo) train exactly like one process with the same global batch: per-step losses, final
+weights and the files of the final save (gathered with ``Accelerator.get_state_dict``) agree to 1e-5 for DPO and KTO
+on the tabular adapter, Diffusion-KTO and Diffusion-DRO on the tiny pixel UNet; KTO's reference point is the
+global-batch mean (a per-process mean is shown to differ), Diffusion-DRO's buffer is the one-process buffer on both
+processes, and a run interrupted and resumed under two processes matches too.
 
 The two-process runs happen once, in two forked processes (accelerate reads RANK/WORLD_SIZE/MASTER_* and
 ACCELERATE_USE_CPU from the environment); rank 0 saves what it saw (rank 1 its buffers and seed), the one-process runs
@@ -18,6 +19,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from test_train import pair_rows
 from tiny_pixel import expert_rows, pixel_adapter, tiny_unet
 
@@ -72,7 +74,8 @@ STEPS = 3
 
 
 def train(name: str, output_dir, max_steps: int = STEPS, scenario: str | None = None) -> dict:
-    """Train a scenario; returns the per-step history, the final trainable weights and the DRO buffer (if any)."""
+    """Train a scenario; returns the per-step history, the final trainable weights, the tensors of the files the
+    final save wrote (main process) and the DRO buffer (if any)."""
     make_adapter, make_step, make_rows, lr = SCENARIOS[scenario or name]
     torch.manual_seed(0)
     adapter, step = make_adapter(), make_step()
@@ -82,7 +85,11 @@ def train(name: str, output_dir, max_steps: int = STEPS, scenario: str | None = 
     history = trainer.train()["history"]
     weights = {k: p.detach().clone() for k, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
     buffer = getattr(step, "buffer", None)
-    return {"history": history, "weights": weights, "buffer": buffer.state_dict() if buffer is not None else None,
+    final = output_dir / name / "final"
+    saved = {f"{path.relative_to(final)}:{key}": value for path in sorted(final.rglob("*.safetensors"))
+             for key, value in load_file(path).items()} if trainer.accelerator.is_main_process else None
+    return {"history": history, "weights": weights, "saved": saved,
+            "buffer": buffer.state_dict() if buffer is not None else None,
             "checkpoint_files": sorted(p.name for c in trainer.checkpoints() for p in c.iterdir())}
 
 
@@ -148,6 +155,10 @@ def assert_same_run(one: dict, two: dict) -> None:
         assert b["loss"] == pytest.approx(a["loss"], abs=TOL, rel=0)
     for name, w in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], w, atol=TOL, rtol=0, msg=name)
+    # the final save (gathered through Accelerator.get_state_dict, written by the main process) holds those weights
+    assert one["saved"] and set(two["saved"]) == set(one["saved"])
+    for name, w in one["saved"].items():
+        torch.testing.assert_close(two["saved"][name], w, atol=TOL, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "diffusion_kto", "diffusion_dro", "diffusion_dro_ddpm"])

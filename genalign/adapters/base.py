@@ -12,7 +12,8 @@ chosen and rejected therefore share ``t`` and ``eps`` when scored through :meth:
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from accelerate.utils import extract_model_from_parallel
@@ -122,5 +123,55 @@ class Adapter(abc.ABC):
         raise ValueError(f"{type(model).__name__} has no gradient checkpointing switch; set train.gradient_checkpointing=false")
 
     def save(self, directory: str) -> None:
-        """Write the trained weights in the modality's native layout (override per adapter)."""
+        """Write the trained weights in the modality's native layout (override per adapter).
+
+        Every adapter saves what :attr:`unwrapped_policy` holds, so ``with adapter.holding(state_dict):
+        adapter.save(d)`` writes the weights of a gathered state dict (sharded runs, see :meth:`holding`).
+        """
         self.unwrapped_policy.save_pretrained(directory)
+
+    @contextmanager
+    def holding(self, state_dict: Mapping[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+        """The unwrapped policy with every parameter and buffer replaced by ``state_dict``'s tensor of that name
+        for the duration of the block; the original tensors are put back afterwards.
+
+        Under FSDP or DeepSpeed ZeRO-3 each process holds shards of the parameters; ``accelerate``'s
+        ``Accelerator.get_state_dict(policy)`` gathers the full tensors, and saving inside this block writes them
+        through the adapter's own layout (LoRA files, ``save_pretrained``, merged copies). Parameters shared by
+        several names (tied embeddings) stay shared. The keys must be exactly those of the policy's
+        ``state_dict()`` (of the network itself: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is not expected).
+        """
+        model = extract_model_from_parallel(self.unwrapped_policy, keep_torch_compile=False)
+        expected, given = set(model.state_dict()), set(state_dict)
+        if expected != given:
+            raise ValueError(
+                f"the state dict to hold does not match {type(model).__name__}'s: missing {sorted(expected - given)[:5]}, "
+                f"unexpected {sorted(given - expected)[:5]}; pass accelerator.get_state_dict(policy) of this adapter"
+            )
+        replaced: dict[int, torch.Tensor] = {}  # id of an original tensor -> its replacement (keeps ties)
+        undo: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        covered: set[str] = set()
+        try:
+            for slot, named in (("_parameters", model.named_parameters(remove_duplicate=False)),
+                                ("_buffers", model.named_buffers(remove_duplicate=False))):
+                for name, original in list(named):
+                    if name not in state_dict:  # a non-persistent buffer: not part of the saved state
+                        continue
+                    if id(original) not in replaced:
+                        value = state_dict[name]
+                        replaced[id(original)] = (
+                            torch.nn.Parameter(value, requires_grad=original.requires_grad) if slot == "_parameters"
+                            else value
+                        )
+                    owner_name, _, attr = name.rpartition(".")
+                    table = getattr(model.get_submodule(owner_name), slot)
+                    undo.append((table, attr, original))
+                    table[attr] = replaced[id(original)]
+                    covered.add(name)
+            if covered != given:  # a state-dict hook renamed keys: they name no parameter or buffer
+                raise ValueError(f"state dict keys {sorted(given - covered)[:5]} name no parameter or buffer of "
+                                 f"{type(model).__name__}; they cannot be held")
+            yield model
+        finally:
+            for table, attr, original in reversed(undo):
+                table[attr] = original

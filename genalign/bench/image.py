@@ -190,9 +190,7 @@ class GenalignDiffusionDPO:
             adapter.encode_prompts([r["prompt"] for r in chunk])
 
     def step(self) -> float:
-        logs = self.trainer._optimizer_step()
-        self.trainer.global_step += 1
-        return logs["loss"]
+        return self.trainer.step()["loss"]
 
 
 class PeerDiffusionDPO:

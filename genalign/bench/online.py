@@ -141,10 +141,9 @@ def run_case(case: OnlineCase, steps: int, warmup: int, image_config: image.Imag
             with sampling_clock(trainer.adapter) as spent:
                 synchronize()
                 start = time.perf_counter()
-                trainer._optimizer_step()
+                trainer.step()
                 synchronize()
                 elapsed = time.perf_counter() - start
-            trainer.global_step += 1
             if k >= warmup:
                 step_seconds.append(elapsed)
                 sample_seconds.append(spent[0])

@@ -114,7 +114,7 @@ class GenalignDPO:
                             cache_reference=cache_reference)
         self.trainer = Trainer(adapter, build_step("dpo", beta=config.beta), [dict(r) for r in rows], train)
         self.trainer.order = order
-        self.setup_seconds = timed(self.trainer._cache_reference_scores)[0] if cache_reference else 0.0
+        self.setup_seconds = timed(self.trainer.cache_reference_scores)[0] if cache_reference else 0.0
 
     @property
     def model(self) -> torch.nn.Module:
@@ -124,9 +124,7 @@ class GenalignDPO:
         """One optimizer step on the next micro-batch of the shared order; returns the loss."""
         lever_off = mock.patch.object(text_adapter, "_sequence_logps", full_softmax_logps)
         with lever_off if self.full_softmax else nullcontext():
-            logs = self.trainer._optimizer_step()
-        self.trainer.global_step += 1
-        return logs["loss"]
+            return self.trainer.step()["loss"]
 
 
 class TRLDPO:
