@@ -6,7 +6,8 @@ steps, alternating which side goes first. The peak-memory growth of each side is
 running that side alone (see :mod:`genalign.bench.measure`). The ``online`` suite reports the sampling share of
 Diffusion-DRO and SoPo steps. ``--suite cpu`` runs all three on the CPU (CUDA hidden); ``--suite all`` (or a single
 suite) on a CUDA machine picks the GPU sizes (SD-1.5-shaped UNet, ~0.5B LM, bf16) and reports model FLOPs
-utilisation; ``--compile`` runs genalign's policy through ``torch.compile``.
+utilisation; ``--compile`` adds ``genalign-compiled`` to the speed suites: genalign with its policy through
+``torch.compile`` (what ``train.compile`` does), timed alternating with the eager side.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from genalign.bench import image, measure, online, report, text
 SPEED_SUITES = {"text": text, "image": image}
 PEERS = {"text": ["trl", "trl+precompute"], "image": ["diffusers-loop"]}
 #: genalign variants with one lever switched, measured next to the default
-LEVERS = {"text": ["genalign-no-cache", "genalign-full-softmax"], "image": ["genalign-channels-last"]}
+LEVERS = {"text": ["genalign-no-cache", "genalign-full-softmax"],
+          "image": ["genalign-channels-last", "genalign-cached-reference"]}
+COMPILED = "-compiled"
 
 
 def suite_config(module):
@@ -36,21 +39,25 @@ def suite_config(module):
     return type(config).for_cuda() if torch.cuda.is_available() else config
 
 
-def compile_genalign(name: str, runner):
-    """``torch.compile`` the policy of a genalign side (the peers run as they ship)."""
-    if name.startswith("genalign"):
-        runner.trainer.adapter.policy = torch.compile(runner.trainer.adapter.policy)
-    return runner
+def build_sides(module, config, names: Sequence[str]) -> dict[str, Any]:
+    """The suite's sides by name; ``<side>-compiled`` is a separately built ``<side>`` whose policy goes through
+    ``torch.compile`` after accelerate's ``prepare``, as ``Trainer`` does with ``TrainConfig(compile=True)``."""
+    sides = module.build(config, tuple(n for n in names if not n.endswith(COMPILED)))
+    for name in names:
+        if name.endswith(COMPILED):
+            side = module.build(config, (name.removesuffix(COMPILED),))[name.removesuffix(COMPILED)]
+            side.trainer.adapter.policy = torch.compile(side.trainer.adapter.policy)
+            sides[name] = side
+    return {name: sides[name] for name in names}
 
 
 def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     module = SPEED_SUITES[suite]
     config = suite_config(module)
     names = ["genalign", *PEERS[suite], *(LEVERS[suite] if args.levers else [])]
+    names += ["genalign" + COMPILED] if args.compile else []
     _log(f"[{suite}] building {names}")
-    sides = module.build(config, tuple(names))
-    if args.compile:
-        sides = {name: compile_genalign(name, side) for name, side in sides.items()}
+    sides = build_sides(module, config, names)
     flops = {name: measure.count_flops(side.step) for name, side in sides.items()}
     times = measure.alternate(args.reps, {
         name: (lambda s=side: measure.run_steps(s, args.steps, args.warmup, config.batch_size))
@@ -69,7 +76,6 @@ def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_memory:
             _log(f"[{suite}] peak memory of {name} in a fresh process")
             worker = ["--memory-of", f"{suite}:{name}", "--memory-steps", str(args.memory_steps)]
-            worker += ["--compile"] if args.compile else []
             entry["peak_memory_growth_mib"] = measure.run_isolated("genalign.bench.cli", worker)["growth_mib"]
         result["sides"][name] = entry
     for name in names[1:]:
@@ -89,13 +95,11 @@ def online_suite(args: argparse.Namespace) -> dict[str, Any]:
     return {"cases": cases}
 
 
-def memory_worker(spec: str, steps: int, compile_policy: bool) -> None:
+def memory_worker(spec: str, steps: int) -> None:
     """Run one side alone for ``steps`` steps and print its peak memory growth as JSON (used by the runner)."""
     suite, _, side = spec.partition(":")
     module = SPEED_SUITES[suite]
-    runner = module.build(suite_config(module), (side,))[side]
-    if compile_policy:
-        runner = compile_genalign(side, runner)
+    runner = build_sides(module, suite_config(module), [side])[side]
     with measure.PeakMemory() as peak:
         for _ in range(steps):
             runner.step()
@@ -114,14 +118,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--memory-steps", type=int, default=2, help="steps run by each peak-memory subprocess")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-levers", dest="levers", action="store_false", help="skip the lever variants")
-    parser.add_argument("--compile", action="store_true", help="torch.compile genalign's policy")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time genalign with its policy through torch.compile (side genalign-compiled)")
     parser.add_argument("--json", default="docs/benchmarks.json")
     parser.add_argument("--markdown", default="docs/BENCHMARKS.md")
     parser.add_argument("--note", default="", help="a line printed at the top of the markdown (e.g. machine load)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
-        memory_worker(args.memory_of, args.memory_steps, args.compile)
+        memory_worker(args.memory_of, args.memory_steps)
         return
     if min(args.reps, args.steps) < 1 or args.warmup < 0:
         parser.error("--reps and --steps must be >= 1 and --warmup >= 0")

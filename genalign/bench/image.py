@@ -166,13 +166,18 @@ def genalign_adapter(components: dict[str, Any], config: ImageConfig, cache_dir:
 
 
 class GenalignDiffusionDPO:
-    """genalign's trainer on the image adapter (encoding cache warm before timing); ``channels_last`` is the lever
-    variant with the policy UNet in channels-last memory format."""
+    """genalign's trainer on the image adapter (encoding cache warm before timing). Lever variants:
+    ``channels_last``, the policy UNet in channels-last memory format; ``cached_reference``, reference scores
+    cached per row before timing, so the step runs the policy forward only. That is the step a cache keyed by
+    (row, t, noise) would give if each row's ``(t, eps)`` were fixed (e.g. drawn from a per-row seed): a timing
+    measurement only, since here the step draws fresh ``(t, eps)`` that the cached scores were not computed at."""
 
     def __init__(self, components: dict[str, Any], rows: list[dict], config: ImageConfig, order: RowOrder,
-                 channels_last: bool = False):
-        self.name = "genalign-channels-last" if channels_last else "genalign"
+                 channels_last: bool = False, cached_reference: bool = False):
+        self.name = ("genalign-channels-last" if channels_last else
+                     "genalign-cached-reference" if cached_reference else "genalign")
         config = replace(config, channels_last=channels_last)
+        rows = [dict(r) for r in rows] if cached_reference else rows  # the cache is written into the rows
         self.workdir = tempfile.TemporaryDirectory(prefix="genalign-bench-image-")
         adapter = genalign_adapter(components, config, cache_dir=str(Path(self.workdir.name) / "cache"))
         train = TrainConfig(output_dir=str(Path(self.workdir.name) / "run"), max_steps=10**9,
@@ -181,6 +186,9 @@ class GenalignDiffusionDPO:
         self.trainer = Trainer(adapter, build_step("dpo", beta=config.beta_dpo / 2), rows, train)
         self.trainer.order = order
         self.setup_seconds, _ = timed(lambda: self._fill_cache(adapter, rows, config.batch_size))
+        if cached_reference:
+            adapter.deterministic = True  # this variant treats the scores as cacheable (see the class docstring)
+            self.setup_seconds += timed(self.trainer.cache_reference_scores)[0]
 
     @staticmethod
     def _fill_cache(adapter: ImageDiffusionAdapter, rows: list[dict], batch_size: int) -> None:
@@ -217,6 +225,8 @@ def build(config: ImageConfig, sides: tuple[str, ...] = ("genalign", "diffusers-
     makers = {
         "genalign": lambda: GenalignDiffusionDPO(components, rows, config, order),
         "genalign-channels-last": lambda: GenalignDiffusionDPO(components, rows, config, order, channels_last=True),
+        "genalign-cached-reference": lambda: GenalignDiffusionDPO(components, rows, config, order,
+                                                                  cached_reference=True),
         "diffusers-loop": lambda: PeerDiffusionDPO(components, rows, config, order),
     }
     unknown = set(sides) - set(makers)

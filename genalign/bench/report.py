@@ -28,6 +28,9 @@ SIDES = {
     "genalign-no-cache": "lever off: genalign recomputing reference scores every step",
     "genalign-full-softmax": "lever off: genalign scoring with logits at every position and a full log-softmax",
     "genalign-channels-last": "lever on: genalign with a channels-last UNet",
+    "genalign-cached-reference": "lever on: genalign with reference scores cached per row (policy forward only; "
+                                 "timing only, see findings)",
+    "genalign-compiled": "genalign with `train.compile` (`torch.compile` of the prepared policy)",
 }
 
 
@@ -140,7 +143,23 @@ def _findings(suites: dict[str, Any], device: str) -> list[str]:
                          f"({sides['genalign-channels-last']['samples_per_s_median'] / sides['diffusers-loop']['samples_per_s_median']:.2f}x "
                          f"the loop in medians).")
         lines.append("- image, reference forward: LoRA-disabled under `no_grad` on both sides (no second UNet in "
-                     "memory); SDPA is diffusers' default attention on both sides.")
+                     "memory), one call on the concatenated chosen + rejected; SDPA is diffusers' default attention on "
+                     "both sides.")
+        if "genalign-cached-reference" in comparisons:
+            gain = 1 / comparisons["genalign-cached-reference"]["ratio_median"]
+            loop = sides["genalign-cached-reference"]["samples_per_s_median"] / sides["diffusers-loop"]["samples_per_s_median"]
+            lines.append(f"- image, reference scores cached per (row, t, noise): skipping the reference forward is "
+                         f"{gain:.2f}x genalign's default ({loop:.2f}x the loop in medians). Such a cache only hits when "
+                         f"each row's (t, eps) is fixed (e.g. drawn from a per-row seed), which changes "
+                         f"Diffusion-DPO's fresh draw every step; the variant times the step with the cache filled "
+                         f"once, its cached values are not at the step's (t, eps), so it is not a training option.")
+    for name, suite in suites.items():
+        comparison = suite.get("comparisons", {}).get("genalign-compiled") if isinstance(suite, dict) else None
+        if comparison is not None:
+            lines.append(f"- {name}, `torch.compile` (`train.compile`, same run): the compiled policy runs "
+                         f"{1 / comparison['ratio_median']:.2f}x eager genalign's pairs/s "
+                         f"[IQR {1 / comparison['ratio_q3']:.2f}-{1 / comparison['ratio_q1']:.2f}]; compile time is "
+                         f"in the untimed warm-up.")
     online = {case["case"]: case for case in suites.get("online", {}).get("cases", [])}
     if "dro-paper" in online:
         lines.append(f"- Diffusion-DRO at the paper's settings spends {online['dro-paper']['sampling_share']:.0%} of a "
