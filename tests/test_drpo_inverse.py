@@ -102,6 +102,7 @@ def test_drpo_diffusion_resets_are_the_preferred_image_noised_on_the_grid():
     replay = torch.Generator()
     replay.set_state(generator.get_state())
     start, grid = step.noised_states(adapter, rows, generator)
+    start = start["start"]  # sample() keyword arguments
     solver = DPMSolverMultistepScheduler.from_config(adapter.noise_scheduler.config, algorithm_type="dpmsolver++")
     solver.set_timesteps(5)
     full = solver.timesteps

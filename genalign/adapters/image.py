@@ -18,7 +18,6 @@ or a frozen copy of the initial UNet.
 from __future__ import annotations
 
 import copy
-import inspect
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,20 +29,18 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
-from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from genalign.adapters.base import Adapter
 from genalign.adapters.clip_prompt import CLIPPromptEncoder
+from genalign.adapters.diffusion_sampling import DiffusionSampling, run_sampler, sampler_groups, sampler_start
 from genalign.adapters.diffusion_scores import (
     TrajectoryState,
     check_prediction_type,
     denoising_score,
     denoising_target,
     draw_noise,
-    epsilon_from_prediction,
-    sampling_scheduler,
 )
 from genalign.adapters.encoding_cache import EncodingCache
 from genalign.types import Scores
@@ -54,7 +51,7 @@ BATCH_KEYS = ("x0", "cond", "pooled", "time_ids")
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class ImageDiffusionAdapter(Adapter):
+class ImageDiffusionAdapter(Adapter, DiffusionSampling):
     """Diffusion scores, sampling and export for a text-conditioned UNet.
 
     Args:
@@ -73,6 +70,8 @@ class ImageDiffusionAdapter(Adapter):
         cache_dir / cache_namespace: cache VAE latents and prompt encodings on disk, keyed by content and by
             ``cache_namespace`` (a name for the frozen VAE + prompt encoder, e.g. the model folder).
     """
+
+    sample_key = "x0"
 
     def __init__(
         self,
@@ -405,37 +404,17 @@ class ImageDiffusionAdapter(Adapter):
             model_batch = self.concat([{**batch, **empty}, batch])
         else:
             model_batch = batch
-        groups = self._sampler_groups(scheduler, num_inference_steps, timesteps, n, device)
-        if start is None:
-            x = randn_tensor((n, config.in_channels, h, w), generator=generator, device=device, dtype=torch.float32)
-            for sched, idx in groups:
-                x[idx] = x[idx] * sched.init_noise_sigma
-        elif tuple(start.shape) != (n, config.in_channels, h, w):
-            raise ValueError(f"start must hold one state per returned sample, shape {(n, config.in_channels, h, w)}; "
-                             f"got {tuple(start.shape)}")
-        else:
-            x = start.to(device, torch.float32).clone()
-        states = []
+        groups = sampler_groups(scheduler, self.noise_scheduler.config, n, device, num_inference_steps, timesteps)
+        x = sampler_start(groups, (n, config.in_channels, h, w), generator, device, start)
         with self._sampling_model(use_reference) as unet:
-            for k in range(len(groups[0][0].timesteps)):
-                t_batch = torch.empty(n, dtype=torch.long, device=device)
-                model_in = torch.empty_like(x)
-                for sched, idx in groups:
-                    t_batch[idx] = sched.timesteps[k].to(device)
-                    model_in[idx] = sched.scale_model_input(x[idx], sched.timesteps[k])
-                if guided:
-                    uncond, cond = self._predict(unet, model_in.repeat(2, 1, 1, 1), t_batch.repeat(2), model_batch).float().chunk(2)
-                    prediction = uncond + guidance_scale * (cond - uncond)
-                else:
-                    prediction = self._predict(unet, model_in, t_batch, model_batch).float()
-                if return_trajectory:
-                    eps_hat = epsilon_from_prediction(self.noise_scheduler, prediction, x, t_batch, self.prediction_type)
-                    states.append(TrajectoryState(x, t_batch, eps_hat))
-                next_x = torch.empty_like(x)
-                for sched, idx in groups:
-                    t = sched.timesteps[k]
-                    next_x[idx] = sched.step(prediction[idx], t, x[idx], generator=generator, return_dict=False)[0]
-                x = next_x
+            def predict(model_in: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+                if not guided:
+                    return self._predict(unet, model_in, t_batch, model_batch).float()
+                uncond, cond = self._predict(unet, model_in.repeat(2, 1, 1, 1), t_batch.repeat(2), model_batch).float().chunk(2)
+                return uncond + guidance_scale * (cond - uncond)
+
+            record = (self.noise_scheduler, self.prediction_type) if return_trajectory else None
+            x, states = run_sampler(groups, x, predict, generator, record=record)
         out = {**batch, "x0": x}
         if decode:
             out["images"] = self.decode(x)
@@ -443,32 +422,25 @@ class ImageDiffusionAdapter(Adapter):
             out["trajectory"] = states
         return out
 
-    def _sampler_groups(
-        self, name: str, num_inference_steps: int, timesteps: torch.Tensor | None, n: int, device: torch.device
-    ) -> list[tuple[Any, torch.Tensor]]:
-        """One inference scheduler per distinct timestep grid, with the indices of the samples that follow it."""
-        if timesteps is None:
-            sched = sampling_scheduler(name, self.noise_scheduler.config)
-            sched.set_timesteps(num_inference_steps, device=device)
-            return [(sched, torch.arange(n, device=device))]
-        grids = torch.as_tensor(timesteps).long().cpu()
-        grids = grids.expand(n, -1) if grids.ndim == 1 else grids
-        num_train = self.noise_scheduler.config.num_train_timesteps
-        if grids.ndim != 2 or grids.shape[0] != n or grids.shape[1] < 1:
-            raise ValueError(f"timesteps must have shape [S] or [{n}, S] (one grid per returned sample), got "
-                             f"{tuple(torch.as_tensor(timesteps).shape)}")
-        if grids.min() < 0 or grids.max() >= num_train or (grids[:, 1:] >= grids[:, :-1]).any():
-            raise ValueError(f"each timestep grid must be strictly descending within [0, {num_train}) "
-                             f"(num_train_timesteps), got {grids.tolist()}")
-        unique, inverse = torch.unique(grids, dim=0, return_inverse=True)
-        groups = []
-        for g, grid in enumerate(unique):
-            sched = sampling_scheduler(name, self.noise_scheduler.config)
-            if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
-                raise ValueError(f"sampler {name!r} does not take custom timesteps; use 'dpmsolver++' or 'ddpm'")
-            sched.set_timesteps(timesteps=grid.tolist(), device=device)
-            groups.append((sched, (inverse == g).nonzero().flatten().to(device)))
-        return groups
+    def trajectories(
+        self,
+        prompts: Sequence[str],
+        num_samples: int,
+        *,
+        generator: torch.Generator | None,
+        timesteps: torch.Tensor,
+        guidance_scale: float,
+        scheduler: str,
+    ) -> tuple[dict[str, torch.Tensor], list[TrajectoryState]]:
+        """:meth:`DiffusionSampling.trajectories`: undecoded :meth:`sample` trajectories and the prompt encodings."""
+        out = self.sample(prompts, num_samples, generator=generator, timesteps=timesteps, guidance_scale=guidance_scale,
+                          scheduler=scheduler, return_trajectory=True, decode=False)
+        return {key: out[key] for key in BATCH_KEYS[1:] if out[key] is not None}, out["trajectory"]
+
+    def start_state(self, batch: ImageBatch, noise: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        """``{"start": add_noise(x0, noise, t)}`` (:meth:`DiffusionSampling.start_state`)."""
+        x0 = batch["x0"]
+        return {"start": self.noise_scheduler.add_noise(x0, noise.to(x0.device, x0.dtype), t.to(x0.device))}
 
     @contextmanager
     def _sampling_model(self, use_reference: bool) -> Iterator[torch.nn.Module]:

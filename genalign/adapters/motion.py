@@ -28,12 +28,12 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from genalign.adapters.base import Adapter
-from genalign.adapters.diffusion_scores import denoising_score, denoising_target, draw_noise, sampling_scheduler
+from genalign.adapters.diffusion_sampling import DiffusionSampling, run_sampler, sampler_groups, sampler_start
+from genalign.adapters.diffusion_scores import TrajectoryState, denoising_score, denoising_target, draw_noise
 from genalign.models.mdm import MotionDenoiser
 from genalign.models.text_condition import TextCondition
 from genalign.types import Scores
@@ -43,7 +43,7 @@ DEFAULT_LORA_TARGETS = ["self_attn", "linear1", "linear2"]
 DEFAULT_LENGTH_RANGE = (60, 196)
 
 
-class MotionAdapter(Adapter):
+class MotionAdapter(Adapter, DiffusionSampling):
     """Masked diffusion scores, guided sampling and export for a motion denoiser.
 
     Args:
@@ -60,6 +60,8 @@ class MotionAdapter(Adapter):
         disable_dropout: set every dropout of the policy to 0 (as TRL's DPO trainer does), so the policy and the
             reference agree exactly at initialisation and scores carry no dropout noise.
     """
+
+    sample_key = "motion"
 
     def __init__(
         self,
@@ -120,6 +122,16 @@ class MotionAdapter(Adapter):
                 module.to(device)
         return self
 
+    @property
+    def prediction_type(self) -> str:
+        """What the denoiser predicts: ``"sample"`` (x0, MDM) or ``"epsilon"``."""
+        return self.config.prediction_type
+
+    @property
+    def prompt_dropout(self) -> float:
+        """The condition-drop probability while training (``cond_drop_prob``)."""
+        return self.cond_drop_prob
+
     # ------------------------------------------------------------------------------------------ batches
     def collate(self, records: Sequence[dict[str, Any]]) -> MotionBatch:
         """Records ``{"prompt": caption, "response": normalised motion [T, D] (tensor or array), "row"}``."""
@@ -160,7 +172,8 @@ class MotionAdapter(Adapter):
         return cond
 
     def concat(self, parts: Sequence[MotionBatch]) -> MotionBatch:
-        """Concatenate sample batches, re-padding every motion to the longest of all parts."""
+        """Concatenate sample batches, re-padding every motion to the longest of all parts (and carrying the
+        condition drops of :meth:`drop_prompts`)."""
         frames = max(part["motion"].shape[1] for part in parts)
         out = {"motion": [], "mask": []}
         for part in parts:
@@ -168,7 +181,16 @@ class MotionAdapter(Adapter):
             out["motion"].append(nn.functional.pad(part["motion"], (0, 0, 0, extra)))
             out["mask"].append(nn.functional.pad(part["mask"], (0, extra), value=False))
         out = {k: torch.cat(v) for k, v in out.items()}
+        if any("drop" in part for part in parts):
+            out["drop"] = torch.cat([part.get("drop", torch.zeros(len(part["motion"]), dtype=torch.bool,
+                                                                  device=part["motion"].device)) for part in parts])
         return {**out, "cond": torch.cat([p["cond"] for p in parts]), "prompt": [c for p in parts for c in p["prompt"]]}
+
+    def drop_prompts(self, samples: MotionBatch, drop: torch.Tensor) -> MotionBatch:
+        """A copy of ``samples`` scored with the null condition where ``drop [N]`` is True (kept as its ``drop``
+        field, which the denoiser applies)."""
+        drop = drop.to(samples["motion"].device, torch.bool)
+        return {**samples, "drop": drop | samples["drop"] if "drop" in samples else drop}
 
     # ------------------------------------------------------------------------------------------ scores
     def score(
@@ -238,39 +260,87 @@ class MotionAdapter(Adapter):
         num_inference_steps: int = 50,
         guidance_scale: float = 2.5,
         scheduler: str = "ddpm",
+        timesteps: torch.Tensor | None = None,
+        start: torch.Tensor | None = None,
+        return_trajectory: bool = False,
+        null_condition: Sequence[bool] | None = None,
     ) -> MotionBatch:
         """Draw ``num_samples`` motions per caption (condition-major) with classifier-free guidance
         ``f = f(∅) + w·(f(c) − f(∅))`` (off for ``w = 1``).
 
         ``lengths`` gives the frame counts, one per caption or one per returned motion; by default each caption's
-        length is drawn uniformly from 60…196 frames (capped at the model's ``max_frames``) with ``generator``.
-        ``scheduler`` is ``"ddpm"`` (ancestral), ``"ddim"`` (η = 0) or ``"dpmsolver++"``. Returns a sample batch
-        (scoreable as is) whose padded frames are zero.
+        length is drawn uniformly from 60…196 frames (capped at the model's ``max_frames``) with ``generator``
+        (with ``start``: every motion has ``start``'s frame count). ``scheduler`` is ``"ddpm"`` (ancestral),
+        ``"ddim"`` (η = 0) or ``"dpmsolver++"``. Returns a sample batch (scoreable as is) whose padded frames are zero.
+
+        As :meth:`ImageDiffusionAdapter.sample <genalign.adapters.image.ImageDiffusionAdapter.sample>`:
+        ``timesteps`` (``[S]`` or ``[N, S]``, ``dpmsolver++`` or ``ddpm``) replaces the grid, ``start``
+        ``[N, T, D]`` the initial noise (the state at the grid's first timestep), and ``return_trajectory`` adds
+        ``trajectory``, one :class:`TrajectoryState` ``(x_t, t, eps_hat)`` per sampler step. ``null_condition``
+        (one bool per caption) samples those captions from the null condition, i.e. unconditionally.
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or num_samples < 1:
             raise ValueError(f"sample needs at least one caption and num_samples >= 1, got {len(prompts)} captions "
                              f"and num_samples={num_samples}")
+        if lengths is None and start is not None:
+            lengths = [start.shape[1]] * (len(prompts) * num_samples)
         frame_counts = self._sample_lengths(len(prompts), num_samples, lengths, generator)
+        drop = None
+        if null_condition is not None:
+            if len(null_condition) != len(prompts):
+                raise ValueError(f"null_condition needs one bool per caption ({len(prompts)}), got {len(null_condition)}")
+            drop = torch.as_tensor(list(null_condition), dtype=torch.bool).repeat_interleave(num_samples)
         prompts = [p for p in prompts for _ in range(num_samples)]
         device = next(self.unwrapped_policy.parameters()).device
         cond = self.encode_captions(prompts).to(device)
         n, frames = len(prompts), int(frame_counts.max())
         mask = (torch.arange(frames) < frame_counts.unsqueeze(1)).to(device)
-        sched = sampling_scheduler(scheduler, self.noise_scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=device)
-        x = randn_tensor((n, frames, self.config.feature_dim), generator=generator, device=device) * sched.init_noise_sigma
+        groups = sampler_groups(scheduler, self.noise_scheduler.config, n, device, num_inference_steps, timesteps)
+        x = sampler_start(groups, (n, frames, self.config.feature_dim), generator, device, start)
         with self._sampling_model(use_reference) as model:
             dtype = next(model.parameters()).dtype
-            for t in sched.timesteps:
-                t_batch = t.expand(n).to(device)
-                model_in = sched.scale_model_input(x, t).to(dtype)
+            model_cond = cond if drop is None else torch.where(drop.to(device).unsqueeze(-1), model.null_cond, cond)
+
+            def predict(model_in: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
+                model_in, c = model_in.to(dtype), model_cond.to(dtype)
                 if guidance_scale != 1:
-                    prediction = model.guided(model_in, t_batch, cond.to(dtype), mask, guidance_scale)
-                else:
-                    prediction = model(model_in, t_batch, cond.to(dtype), mask)
-                x = sched.step(prediction.float(), t, x, generator=generator, return_dict=False)[0]
-        return {"motion": x * mask.unsqueeze(-1), "mask": mask, "cond": cond, "prompt": prompts}
+                    return model.guided(model_in, t_batch, c, mask, guidance_scale).float()
+                return model(model_in, t_batch, c, mask).float()
+
+            record = (self.noise_scheduler, self.prediction_type) if return_trajectory else None
+            x, states = run_sampler(groups, x, predict, generator, record=record)
+        out = {"motion": x * mask.unsqueeze(-1), "mask": mask, "cond": cond, "prompt": prompts}
+        if return_trajectory:
+            out["trajectory"] = states
+        return out
+
+    def trajectories(
+        self,
+        prompts: Sequence[str],
+        num_samples: int,
+        *,
+        generator: torch.Generator | None,
+        timesteps: torch.Tensor,
+        guidance_scale: float,
+        scheduler: str,
+    ) -> tuple[dict[str, torch.Tensor], list[TrajectoryState]]:
+        """:meth:`DiffusionSampling.trajectories`: one frame count per trajectory drawn first (``U{60, …, 196}``
+        capped at ``max_frames``, ``[N·K]``), then :meth:`sample`; the empty caption samples the null condition.
+        Returns ``{"cond", "mask"}`` and the states."""
+        n = len(prompts) * num_samples
+        lengths = self._sample_lengths(n, 1, None, generator)
+        out = self.sample(prompts, num_samples, generator=generator, lengths=lengths, timesteps=timesteps,
+                          guidance_scale=guidance_scale, scheduler=scheduler, return_trajectory=True,
+                          null_condition=[p == "" for p in prompts])
+        return {"cond": out["cond"], "mask": out["mask"]}, out["trajectory"]
+
+    def start_state(self, batch: MotionBatch, noise: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        """``{"start": add_noise(motion, noise, t), "lengths": the real frame counts}``
+        (:meth:`DiffusionSampling.start_state`)."""
+        x0 = batch["motion"]
+        start = self.noise_scheduler.add_noise(x0, noise.to(x0.device, x0.dtype), t.to(x0.device))
+        return {"start": start, "lengths": batch["mask"].sum(1).cpu()}
 
     def _sample_lengths(self, num_conditions: int, num_samples: int, lengths, generator) -> torch.Tensor:
         max_frames = self.config.max_frames
@@ -324,8 +394,12 @@ def unpad_motions(batch: MotionBatch) -> list[torch.Tensor]:
 
 
 def _predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, samples: MotionBatch, drop: torch.Tensor | None):
+    """The denoiser's output; captions dropped by ``drop`` or by the batch's own ``drop`` field use the null
+    condition."""
     dtype = next(model.parameters()).dtype
     cond, mask = samples["cond"].to(x_t.device, dtype), samples["mask"].to(x_t.device)
+    if "drop" in samples:
+        drop = samples["drop"].to(x_t.device) | (drop.to(x_t.device) if drop is not None else False)
     return model(x_t.to(dtype), t, cond, mask, drop)
 
 

@@ -9,7 +9,9 @@ practise finishing good responses it would rarely reach from scratch.
 
 For diffusion a state is the preferred sample noised to an intermediate step of the sampler's grid t_S > … > t_1:
 per step one index j ~ U{0, …, S−1} is drawn, x_{t_j} = √ᾱ·x_w + √(1−ᾱ)·ε (fresh ε per rollout), and the sampler
-runs t_j → … → t_1 from there (``ImageDiffusionAdapter.sample(start=...)``); j = 0 is almost pure noise. The K
+runs t_j → … → t_1 from there (the adapter's ``start_state`` gives ``sample``'s ``start=`` and, for motions, the
+preferred motion's frame count); j = 0 is almost pure noise. Image and motion adapters alike
+(:class:`~genalign.adapters.diffusion_sampling.DiffusionSampling`). The K
 rollouts of a prompt are scored on one shared timestep and noise, so each (best, worst) pair is Diffusion-DPO's.
 
 Rows whose K rewards all tie are skipped and counted; a rollout that hits the length limit without an end token
@@ -22,8 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
+from genalign.adapters.diffusion_sampling import DiffusionSampling
 from genalign.adapters.diffusion_scores import sampling_scheduler
-from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.adapters.text import TextAdapter
 from genalign.objectives._checks import positive
 from genalign.online import draws
@@ -34,7 +36,7 @@ from genalign.steps import Step, StepContext
 
 class DRPOStep(Step):
     """DR-PO on rows ``{"prompt", "chosen", ...}`` (pairwise) or ``{"prompt", "response"}`` (demonstrations): text
-    strings for a :class:`TextAdapter`, images for an :class:`ImageDiffusionAdapter`.
+    strings for a :class:`TextAdapter`, images or motions for a diffusion adapter (:class:`DiffusionSampling`).
 
     Args:
         reward: ``reward(prompts, responses) -> [N]`` (higher is better), a callable, an import path
@@ -66,14 +68,15 @@ class DRPOStep(Step):
             samples = draws.draw(adapter, starts, k, ctx.generator, **self.sample_kwargs)
             responses = [prefixes[q // k] + text for q, text in enumerate(draws.responses(samples))]
             depth = sum(len(h) > 0 for h in prefixes) / n  # rows reset past the prompt
-        elif isinstance(adapter, ImageDiffusionAdapter):
+        elif isinstance(adapter, DiffusionSampling):
             start, grid = self.noised_states(adapter, rows, ctx.generator)
-            samples = draws.draw(adapter, prompts, k, ctx.generator, start=start, timesteps=grid,
-                                 scheduler=self.scheduler, **self.sample_kwargs)
+            samples = draws.draw(adapter, prompts, k, ctx.generator, timesteps=grid, scheduler=self.scheduler,
+                                 **start, **self.sample_kwargs)
             responses = draws.responses(samples)
             depth = 1.0 - float(grid[0] + 1) / adapter.noise_scheduler.config.num_train_timesteps  # 0 = from noise
         else:
-            raise TypeError(f"DR-PO resets to states of preferred text or images; {type(adapter).__name__} has none")
+            raise TypeError(f"DR-PO resets to states of preferred text or images (and motions); {type(adapter).__name__} "
+                            "has none")
         reward = self.reward.rewards([p for p in prompts for _ in range(k)], responses).float().view(n, k)
         ended = draws.ended(adapter, samples).view(n, k)
         loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator, prefix="drpo")
@@ -95,19 +98,19 @@ class DRPOStep(Step):
             prefixes.append(adapter.tokenizer.decode(ids[:h]))
         return prompts, prefixes
 
-    def noised_states(self, adapter: ImageDiffusionAdapter, rows: Sequence[dict], generator: torch.Generator):
-        """K copies of each row's preferred sample noised to one grid step t_j (fresh noise each), and the rest of
-        the grid ``[t_j, …, t_1]`` to sample along."""
+    def noised_states(self, adapter: DiffusionSampling, rows: Sequence[dict], generator: torch.Generator):
+        """K copies of each row's preferred sample noised to one grid step t_j (fresh noise each), as ``sample``
+        keyword arguments (``start``, and ``lengths`` for motions), and the rest of the grid ``[t_j, …, t_1]``."""
         preferred = adapter.collate([{"prompt": r.get("prompt"), "response": r.get("chosen", r.get("response")),
-                                      "row": r.get("row")} for r in rows])["x0"]
+                                      "row": r.get("row")} for r in rows])
+        preferred = draws.take(preferred, torch.arange(len(rows)).repeat_interleave(self.num_samples))
         sched = sampling_scheduler(self.scheduler, adapter.noise_scheduler.config)
         sched.set_timesteps(self.num_inference_steps)
         grid = sched.timesteps.long().cpu()
         j = int(torch.randint(len(grid), (1,), generator=generator))
-        x0 = preferred.repeat_interleave(self.num_samples, 0)
-        eps = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device, x0.dtype)
-        start = adapter.noise_scheduler.add_noise(x0, eps, grid[j].expand(x0.shape[0]).to(x0.device))
-        return start, grid[j:]
+        x0 = preferred[adapter.sample_key]
+        eps = torch.randn(x0.shape, generator=generator, device=generator.device)
+        return adapter.start_state(preferred, eps, grid[j].expand(x0.shape[0])), grid[j:]
 
 
 def _callable(spec: Any):
