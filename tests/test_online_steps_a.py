@@ -238,6 +238,13 @@ def judged(adapter, mixture, generator):
     return out
 
 
+def kept(loss, n_kept):
+    """The per-pair losses of the kept pairs: a judged step returns one loss per row, left-out pairs weighted 0 and
+    kept ones N / K, so that its mean is the mean over the kept pairs (genalign.online.global_batch)."""
+    values = np.asarray(loss.detach().numpy() if isinstance(loss, torch.Tensor) else loss)
+    return values[np.abs(values) > 1e-6] * n_kept / len(values)  # left-out: 0 (up to the float noise of a sum)
+
+
 def test_oaif_dpo_loss_on_judged_policy_pairs_and_its_gradient_direction():
     adapter = tabular()
     step = build_step("oaif", judge=PreferenceMatrixJudge(MATRIX), objective="dpo", beta=0.5)
@@ -246,7 +253,8 @@ def test_oaif_dpo_loss_on_judged_policy_pairs_and_its_gradient_direction():
     pairs = judged(adapter, 0.0, torch.Generator().manual_seed(SEED))
     assert 0 < len(pairs) < len(PROMPT_ROWS)  # some ties were left out
     expected = [dpo_np(log_pi, log_ref, c, w, l, 0.5)[0] for c, w, l in pairs]
-    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(kept(loss, len(pairs)), expected, rtol=1e-5)
+    np.testing.assert_allclose(loss.mean().item(), np.mean(expected), rtol=1e-5)
     assert metrics["judge/valid"] == len(pairs) and metrics["judge/ties"] == len(PROMPT_ROWS) - len(pairs)
     optimizer = torch.optim.SGD(adapter.trainable_parameters(), lr=0.5)
     loss.mean().backward()
@@ -263,7 +271,7 @@ def test_ipo_md_ipo_loss_on_mixture_pairs():
     log_pi, log_ref = tables(adapter)
     pairs = judged(adapter, 0.4, torch.Generator().manual_seed(SEED))
     expected = [(dpo_np(log_pi, log_ref, c, w, l, 0.25)[1] - 1 / (2 * 0.25)) ** 2 for c, w, l in pairs]
-    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(kept(loss, len(pairs)), expected, rtol=1e-5)
 
 
 def test_soft_preference_oaif_uses_the_judge_probability_as_strength():
@@ -276,7 +284,7 @@ def test_soft_preference_oaif_uses_the_judge_probability_as_strength():
         _, delta = dpo_np(log_pi, log_ref, c, w, l, 0.5)
         p = MATRIX[w, l]
         expected.append(-(p * log_sigmoid(0.5 * delta) + (1 - p) * log_sigmoid(-0.5 * delta)))
-    np.testing.assert_allclose(loss.detach().numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(kept(loss, len(expected)), expected, rtol=1e-5)
 
 
 def test_nash_md_reinforce_loss_and_gradient_against_the_closed_form():
@@ -376,9 +384,10 @@ def test_selm_with_a_judge_uses_online_pairs_then_reference_samples():
     g = torch.Generator().manual_seed(SEED)
     pairs = judged(adapter, 0.0, g)  # the two policy samples per row come first, then one reference sample per row
     from_ref = redraw(REFERENCE.numpy(), CONTEXTS, 1, g)
-    dpo = np.mean([dpo_np(log_pi, log_ref, c, w, l, beta)[0] for c, w, l in pairs])
-    optimism = [alpha * beta * (log_pi[x, y] - log_ref[x, y]) for x, y in zip(CONTEXTS, from_ref)]
-    np.testing.assert_allclose(loss.detach().numpy(), dpo + np.array(optimism), rtol=1e-5)
+    dpo = [dpo_np(log_pi, log_ref, c, w, l, beta)[0] for c, w, l in pairs]
+    optimism = np.array([alpha * beta * (log_pi[x, y] - log_ref[x, y]) for x, y in zip(CONTEXTS, from_ref)])
+    np.testing.assert_allclose(kept(loss.detach().numpy() - optimism, len(pairs)), dpo, rtol=1e-4)
+    np.testing.assert_allclose(loss.mean().item(), np.mean(dpo) + optimism.mean(), rtol=1e-5)
     assert metrics["judge/valid"] == len(pairs)
 
 

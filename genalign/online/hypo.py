@@ -20,7 +20,7 @@ import torch
 
 from genalign.adapters.base import Adapter
 from genalign.objectives._checks import as_scores, in_range
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.steps import PairwiseStep, Step, StepContext
 
 
@@ -48,9 +48,9 @@ class HyPOStep(Step):
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         dpo_loss, metrics = self.pairwise(adapter, rows, ctx)
-        own = draws.draw(adapter, draws.prompts(rows), 1, ctx.generator, **self.sample)
+        own = global_batch.draw(adapter, draws.prompts(rows), 1, ctx, **self.sample)
         scores = adapter.score(own, groups=torch.arange(len(rows)), generator=ctx.generator)
         kl = kl_surrogate(scores.policy, scores.reference)
-        metrics = {**metrics, "hypo/kl": (scores.policy - scores.reference).detach().mean(),
-                   "hypo/unfinished": (~draws.ended(adapter, own)).float().sum()}
+        unfinished = global_batch.global_sums({"hypo/unfinished": (~draws.ended(adapter, own)).sum()}, ctx)
+        metrics = {**metrics, "hypo/kl": (scores.policy - scores.reference).detach().mean(), **unfinished}
         return dpo_loss + self.lam * kl, metrics

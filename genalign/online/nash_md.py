@@ -10,7 +10,8 @@ ascends E[P(y ≻ y')] − β·KL(π‖ref) with ½ as control variate::
 whose gradient is the REINFORCE estimate −E[((P − ½) − β·log(π/ref)(y)) ∇log π(y)]. The regularised Nash
 equilibrium π* solves π*(y) ∝ ref(y)·exp(P(y ≻ π*)/β): no Bradley–Terry reward has to exist (e.g. cyclic
 preferences without a Condorcet winner). For diffusion the score (negative denoising error) stands in for log π.
-Ties (P = ½) are valid verdicts here (zero advantage); NaN verdicts are left out and counted.
+Ties (P = ½) are valid verdicts here (zero advantage); NaN verdicts are left out (weight 0) and counted; the loss is
+the mean over the kept rows of the global batch (:mod:`genalign.online.global_batch`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from genalign.adapters.base import Adapter
 from genalign.objectives._checks import as_scores, positive, probabilities
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.judges import bind, build_judge, judge_pairs
 from genalign.steps import Step, StepContext
 
@@ -53,18 +54,18 @@ class NashMDStep(Step):
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         prompts = draws.prompts(rows)
-        own = draws.draw(adapter, prompts, 1, ctx.generator, **self.sample)
-        opponent = draws.draw(adapter, prompts, 1, ctx.generator, mixture=self.mixture, **self.sample)
+        own = global_batch.draw(adapter, prompts, 1, ctx, **self.sample)
+        opponent = global_batch.draw(adapter, prompts, 1, ctx, mixture=self.mixture, **self.sample)
         verdict = judge_pairs(bind(self.judge, adapter), prompts, draws.responses(own), draws.responses(opponent),
                               ended_a=draws.ended(adapter, own), ended_b=draws.ended(adapter, opponent),
                               truncated=self.truncated, ties_valid=True)
-        keep = verdict.valid.nonzero().flatten()
-        if len(keep) == 0:
-            return torch.zeros(len(rows), device=draws.device(adapter), requires_grad=True), verdict.counts
-        samples = draws.take(own, keep)
-        scores = adapter.score(samples, groups=torch.arange(len(keep)), generator=ctx.generator)
-        preference = verdict.prob[keep].to(scores.policy.device)
+        scores = adapter.score(own, groups=torch.arange(len(rows)), generator=ctx.generator)
+        keep = verdict.valid.to(scores.policy.device)
+        preference = torch.where(keep, verdict.prob.to(scores.policy.device), 0.5)  # left-out rows: weight 0
         loss = nash_md(scores.policy, scores.reference, preference, beta=self.beta)
-        metrics = {**verdict.counts, "nash_md/preference": preference.mean(),
-                   "nash_md/kl": (scores.policy - scores.reference).detach().mean()}
+        loss = loss * global_batch.kept_mean_weights(keep, ctx)
+        means = {"nash_md/preference": preference[keep].mean(),
+                 "nash_md/kl": (scores.policy - scores.reference).detach()[keep].mean()}
+        metrics = {**global_batch.global_sums(verdict.counts, ctx),
+                   **global_batch.global_kept_means(means, int(keep.sum()), ctx)}
         return loss, metrics

@@ -9,8 +9,9 @@
   (:func:`genalign.online.draws.draw`) and the IPO loss (Δ − 1/(2β))².
 
 Pairs whose verdict is a tie or NaN carry no preference and are left out of the loss (counted in the metrics); a
-response that hit the length limit loses (``truncated="lose"``) or its pair is left out (``"drop"``). When every pair
-of a batch is left out, the loss is a zero that still backpropagates (no update). With the ``soft_preference``
+response that hit the length limit loses (``truncated="lose"``) or its pair is left out (``"drop"``). Left-out pairs
+are still scored, with weight 0, and the loss is the mean over the kept pairs of the global batch (all processes,
+:mod:`genalign.online.global_batch`); when no pair is kept the loss is 0 (no update). With the ``soft_preference``
 objective the judge's probability is the preference strength. Randomness comes from ``ctx.generator`` only, so a
 resumed run draws the same samples; the steps keep no other state.
 """
@@ -21,8 +22,9 @@ from typing import Any, Sequence
 
 import torch
 
+from genalign import objectives
 from genalign.adapters.base import Adapter
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.judges import bind, build_judge, judge_pairs
 from genalign.steps import PairwiseStep, StepContext, Step
 
@@ -51,13 +53,11 @@ class OAIFStep(Step):
         draws.check_mixture(self.mixture)
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
-        pairs, metrics = judged_pairs(adapter, rows, ctx, bind(self.judge, adapter), mixture=self.mixture,
-                                      truncated=self.truncated, sample=self.sample,
-                                      soft=self.pairwise.name == "soft_preference")
-        if not pairs:
-            return torch.zeros(len(rows), device=draws.device(adapter), requires_grad=True), metrics
-        loss, pair_metrics = self.pairwise(draws.Collated(adapter), pairs, ctx)
-        return loss, {**metrics, **pair_metrics}
+        pairs, keep, counts = judged_pairs(adapter, rows, ctx, bind(self.judge, adapter), mixture=self.mixture,
+                                           truncated=self.truncated, sample=self.sample,
+                                           soft=self.pairwise.name == "soft_preference")
+        loss, metrics = kept_pairs_loss(self.pairwise, adapter, pairs, keep, ctx)
+        return loss, {**counts, **metrics}
 
 
 class IPOMDStep(OAIFStep):
@@ -79,23 +79,48 @@ def judged_pairs(
     truncated: str = "lose",
     sample: dict[str, Any] | None = None,
     soft: bool = False,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Two samples per row's prompt, judged; pairwise rows ``{"prompt", "chosen", "rejected", "row"[, "strength"]}``
-    whose sides are one-sample sample batches (score them through :class:`draws.Collated`), and the judge counts."""
+) -> tuple[list[dict[str, Any]], torch.Tensor, dict[str, torch.Tensor]]:
+    """Two samples per row's prompt, judged: one pairwise row ``{"prompt", "chosen", "rejected", "row"[,
+    "strength"]}`` per row, whose sides are one-sample sample batches (score them through :class:`draws.Collated`),
+    the ``[N]`` bool mask of pairs with a preference (ties, NaN verdicts and dropped pairs are False; their sides are
+    in draw order and their strength ½) and the judge's counts summed over the processes."""
     prompts = draws.prompts(rows)
-    samples = draws.draw(adapter, prompts, 2, ctx.generator, mixture=mixture, **(sample or {}))
+    samples = global_batch.draw(adapter, prompts, 2, ctx, mixture=mixture, **(sample or {}))
     said = draws.responses(samples)
     finished = draws.ended(adapter, samples)
     verdict = judge_pairs(judge, prompts, said[0::2], said[1::2], ended_a=finished[0::2], ended_b=finished[1::2],
                           truncated=truncated)
     pairs = []
-    for i in verdict.valid.nonzero().flatten().tolist():
-        p = float(verdict.prob[i])
-        first_wins = p > 0.5
+    for i, valid in enumerate(verdict.valid.tolist()):
+        p = float(verdict.prob[i]) if valid else 0.5
+        first = 0 if p >= 0.5 else 1
         pair = {"prompt": prompts[i], "row": rows[i].get("row", i),
-                "chosen": draws.take(samples, [2 * i + (0 if first_wins else 1)]),
-                "rejected": draws.take(samples, [2 * i + (1 if first_wins else 0)])}
+                "chosen": draws.take(samples, [2 * i + first]), "rejected": draws.take(samples, [2 * i + 1 - first])}
         if soft:
             pair["strength"] = max(p, 1 - p)
         pairs.append(pair)
-    return pairs, verdict.counts
+    return pairs, verdict.valid, global_batch.global_sums(verdict.counts, ctx)
+
+
+class _Recorded(draws.Collated):
+    """:class:`draws.Collated` that keeps the scores of its last ``score_pairs`` call."""
+
+    def score_pairs(self, batch: Any, **kwargs: Any):
+        self.scores = self._adapter.score_pairs(batch, **kwargs)
+        return self.scores
+
+
+def kept_pairs_loss(pairwise: PairwiseStep, adapter: Adapter, pairs: list[dict[str, Any]], keep: torch.Tensor,
+                    ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``pairwise``'s per-pair loss on all ``pairs``, weighted to the mean over the kept pairs of the global batch
+    (:func:`global_batch.kept_mean_weights`), and its reward metrics over those kept pairs."""
+    scored = _Recorded(adapter)
+    loss, _ = pairwise(scored, pairs, ctx)
+    loss = loss * global_batch.kept_mean_weights(keep.to(loss.device), ctx)
+    chosen, rejected = scored.scores
+    if chosen.reference is None:
+        return loss, {}
+    kept = keep.to(chosen.policy.device) if keep.any() else torch.ones_like(keep, device=chosen.policy.device)
+    means = objectives.pairwise_metrics(chosen.policy[kept], rejected.policy[kept], chosen.reference[kept],
+                                        rejected.reference[kept], beta=pairwise.beta)
+    return loss, global_batch.global_kept_means(means, int(keep.sum()), ctx)

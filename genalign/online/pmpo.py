@@ -21,8 +21,8 @@ import torch
 from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import labelled_batch, pairs_to_unpaired
-from genalign.online import draws
-from genalign.steps import Step, StepContext, _masked_mean
+from genalign.online import draws, global_batch
+from genalign.steps import Step, StepContext, _global_masked_mean
 
 KL_MODES = ("samples", "exact")
 
@@ -55,22 +55,31 @@ class PMPOStep(Step):
             raise ValueError("PMPO needs a boolean 'desirable' (or 'label') field on every row: accepted or rejected")
         scores = adapter.score(batch.samples, groups=torch.arange(batch.size), generator=ctx.generator,
                                with_reference=False)
-        kl = self.kl_estimate(adapter, rows, ctx.generator)
-        loss = objectives.pmpo(scores.policy, batch.desirable, kl=kl, alpha=self.alpha, beta=self.beta)
+        kl = self.kl_estimate(adapter, rows, ctx.generator, ctx)
+        # objectives.pmpo weighs by this batch's accepted fraction a: rescaling π by a / a_global (rejected rows by
+        # (1 − a) / (1 − a_global)) makes it the global batch's, so the processes' mean loss is the one-process loss
+        accepted = batch.desirable.float()
+        local, share = accepted.mean(), ctx.global_mean(accepted).to(accepted.device)
+        scale = torch.where(batch.desirable, local / share, (1 - local) / (1 - share))
+        loss = objectives.pmpo(scores.policy * scale, batch.desirable, kl=kl, alpha=self.alpha, beta=self.beta)
         logp = scores.policy.detach()
-        metrics = {"pmpo/kl": kl.detach().mean(), "pmpo/accepted_logp": _masked_mean(logp, batch.desirable),
-                   "pmpo/rejected_logp": _masked_mean(logp, ~batch.desirable)}
+        metrics = {"pmpo/kl": kl.detach().mean(),
+                   "pmpo/accepted_logp": _global_masked_mean(logp, batch.desirable, ctx.global_mean),
+                   "pmpo/rejected_logp": _global_masked_mean(logp, ~batch.desirable, ctx.global_mean)}
         return loss, metrics
 
-    def kl_estimate(self, adapter: Adapter, rows: Sequence[dict], generator: torch.Generator) -> torch.Tensor:
-        """KL(ref‖π) per row ``[N]``, differentiable in the policy."""
+    def kl_estimate(self, adapter: Adapter, rows: Sequence[dict], generator: torch.Generator,
+                    ctx: StepContext | None = None) -> torch.Tensor:
+        """KL(ref‖π) per row ``[N]``, differentiable in the policy. ``ctx``: the step's context, under which several
+        processes draw the reference samples for the global batch (default: one process drawing with ``generator``)."""
         prompts = draws.prompts(rows)
         if self.kl == "exact":
             if not hasattr(adapter, "reverse_kl"):
                 raise ValueError(f"kl='exact' needs an adapter with reverse_kl() (tabular); {type(adapter).__name__} "
                                  "has none: use kl='samples'")
             return adapter.reverse_kl()[torch.as_tensor(prompts, dtype=torch.long)]
-        samples = draws.draw(adapter, prompts, self.kl_samples, generator, use_reference=True, **self.sample_kwargs)
+        ctx = ctx or StepContext(generator)
+        samples = global_batch.draw(adapter, prompts, self.kl_samples, ctx, use_reference=True, **self.sample_kwargs)
         n, k = len(prompts), self.kl_samples
         scores = adapter.score(samples, groups=torch.arange(n * k), generator=generator)
         return (scores.reference - scores.policy).view(n, k).mean(1)

@@ -18,9 +18,9 @@ import torch
 
 from genalign import objectives
 from genalign.adapters.base import Adapter
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.judges import bind, build_judge
-from genalign.online.oaif import judged_pairs
+from genalign.online.oaif import judged_pairs, kept_pairs_loss
 from genalign.steps import PairwiseStep, Step, StepContext
 
 
@@ -44,20 +44,15 @@ class SELMStep(Step):
         self.truncated, self.sample = truncated, dict(sample or {})
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
-        metrics: dict[str, Any] = {}
         if self.judge is None:
             loss, metrics = self.pairwise(adapter, rows, ctx)
         else:
-            pairs, metrics = judged_pairs(adapter, rows, ctx, bind(self.judge, adapter), truncated=self.truncated,
-                                          sample=self.sample)
-            loss = torch.zeros(1, device=draws.device(adapter))
-            if pairs:
-                loss, pair_metrics = self.pairwise(draws.Collated(adapter), pairs, ctx)
-                metrics.update(pair_metrics)
-        reference_samples = draws.draw(adapter, draws.prompts(rows), 1, ctx.generator, use_reference=True,
-                                       **self.sample)
+            pairs, keep, counts = judged_pairs(adapter, rows, ctx, bind(self.judge, adapter),
+                                               truncated=self.truncated, sample=self.sample)
+            loss, metrics = kept_pairs_loss(self.pairwise, adapter, pairs, keep, ctx)
+            metrics.update(counts)
+        reference_samples = global_batch.draw(adapter, draws.prompts(rows), 1, ctx, use_reference=True, **self.sample)
         scores = adapter.score(reference_samples, groups=torch.arange(len(rows)), generator=ctx.generator)
         optimism = objectives.selm_optimism(scores.policy, scores.reference, alpha=self.alpha, beta=self.beta)
         metrics["selm/reference_sample_log_ratio"] = (scores.policy - scores.reference).detach().mean()
-        total = loss + optimism if loss.shape == optimism.shape else loss.mean() + optimism  # judged pairs: K <= B
-        return total, metrics
+        return loss + optimism, metrics
