@@ -34,7 +34,7 @@ from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
 from genalign.online.hashed import HashedTextNet, render
-from genalign.online.self_pairs import best_worst_dpo
+from genalign.online.self_pairs import best_worst_dpo, global_share
 from genalign.steps import Step, StepContext
 
 RM_FEATURES = ("hashed", "reference")
@@ -92,7 +92,8 @@ class InverseAlignmentStep(Step):
             self.reward_model.load_state_dict(self.pending)
             self.pending = None
         if self.due:
-            self.refit(adapter, ctx.generator)
+            with ctx.shard.remap(None):  # one reward model: every process draws the one-process run's seed
+                self.refit(adapter, ctx.generator)
         prompts = draws.prompts(rows)
         n, k = len(prompts), self.num_samples
         samples = draws.draw(adapter, prompts, k, ctx.generator, **self.sample_kwargs)
@@ -103,6 +104,7 @@ class InverseAlignmentStep(Step):
             reward = self.reward_model(inputs).float().cpu().view(n, k)
         loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator,
                                        prefix="inverse")
+        loss = global_share(loss if metrics["inverse/pairs"] else loss[:0], ctx.shard)
         metrics.update({"inverse/phase": float(self.phase), "inverse/reward": reward.mean().item(), **self.last_fit})
         return loss, metrics
 

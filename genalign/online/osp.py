@@ -27,7 +27,7 @@ from genalign.adapters.base import Adapter
 from genalign.objectives._checks import positive
 from genalign.online import draws
 from genalign.online.judges import bind, build_judge, judge_pairs
-from genalign.online.self_pairs import grouped, pick, zero_loss
+from genalign.online.self_pairs import global_share, grouped, pick
 from genalign.steps import Step, StepContext
 from genalign.types import Scores
 
@@ -65,7 +65,7 @@ class OSPStep(Step):
         metrics = {"osp/pairs": float(b.numel()), "osp/tied_pairs": float(n * k * (k - 1) / 2 - b.numel()),
                    "osp/unfinished": float((~draws.ended(adapter, samples)).sum())}
         if b.numel() == 0:
-            return zero_loss(flat), metrics
+            return global_share(flat.policy[:0], ctx.shard), metrics
         strength = torch.sigmoid((judged[b, i] - judged[b, j]) / self.temperature)
         w, l = pick(scores, b, i), pick(scores, b, j)
         device = w.policy.device
@@ -73,7 +73,7 @@ class OSPStep(Step):
                                           strength=strength.to(device))
         metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
         metrics["osp/strength"] = strength.mean()
-        return loss, metrics
+        return global_share(loss, ctx.shard), metrics
 
     @torch.no_grad()
     def judgement(self, adapter: Adapter, prompts: list[Any], samples: dict, scores: Scores) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 
 from genalign import objectives
 from genalign.adapters.base import Adapter
+from genalign.distributed import Shard
 from genalign.online import draws
 from genalign.types import Scores
 
@@ -69,6 +70,29 @@ def best_worst_dpo(adapter: Adapter, samples: dict, judged: torch.Tensor, *, bet
 def zero_loss(scores: Scores) -> torch.Tensor:
     """A one-element zero loss still attached to the policy's graph (a batch without any usable pair)."""
     return scores.policy.reshape(-1)[:1].float() * 0.0
+
+
+def global_share(loss: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """Per-example losses whose count varies from process to process (skipped ties, selected pairs), rescaled so the
+    trainer's mean over processes of each process's mean is the mean over every process's examples, as in the
+    one-process run: with n_r examples here and N = Σ_r n_r, each is multiplied by n_r·W / N (1 in a one-process run).
+    Without examples (``loss`` empty but on the policy's graph) one zero is returned, whose gradients are zero."""
+    total = sum(shard.gather([int(loss.numel())]))
+    if loss.numel() == 0:
+        return loss.float().sum().reshape(1) * 0.0
+    return loss * (loss.numel() * shard.count / total) if shard.count > 1 else loss
+
+
+@contextlib.contextmanager
+def rewound(generator: torch.Generator) -> Iterator[torch.Generator]:
+    """Draws made inside the block are undone afterwards: a judgement (e.g. the snapshot's) sees exactly the randomness
+    the trained forward then uses (shared t and noise for diffusion). The generator itself is used, so a process's
+    sliced draws (:meth:`genalign.distributed.Shard.draws`) stay the one-process run's."""
+    state = generator.get_state()
+    try:
+        yield generator
+    finally:
+        generator.set_state(state)
 
 
 class PolicySnapshot:

@@ -13,7 +13,9 @@ snapshot π_t, whose DPO implicit reward r_t(x, y) = β·(log π_t(y|x) − log 
 
 The loss is DPO of the current policy on the selected offline pairs plus ``bootstrap_weight`` × DPO on the
 bootstrapped pairs (per example, so the trainer's mean weighs both). In round 0, π_0 = ref gives every implicit
-reward 0, so round 0 is plain DPO on all pairs. The snapshot and the round counter are checkpointed.
+reward 0, so round 0 is plain DPO on all pairs. The snapshot and the round counter are checkpointed. Under W
+processes the top-k is taken over the global batch and the losses are weighted as one mean over every process's
+examples (:func:`~genalign.online.self_pairs.global_share`), so a multi-process run equals the one-process run.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from genalign.adapters.base import Adapter
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
-from genalign.online.self_pairs import PolicySnapshot, best_worst_dpo
+from genalign.online.self_pairs import PolicySnapshot, best_worst_dpo, global_share, rewound
 from genalign.steps import Step, StepContext
 
 
@@ -63,7 +65,7 @@ class SeRAStep(Step):
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         batch = pairwise_batch(adapter, rows).to(draws.device(adapter))
-        keep = self.select(adapter, batch, ctx.generator)
+        keep = self.select(adapter, batch, ctx)
         chosen, rejected = adapter.score_pairs(batch, generator=ctx.generator)
         offline = objectives.dpo(chosen.policy[keep], rejected.policy[keep], chosen.reference[keep],
                                  rejected.reference[keep], beta=self.beta)
@@ -75,26 +77,31 @@ class SeRAStep(Step):
             boot, boot_metrics = self.bootstrap(adapter, draws.prompts(rows), ctx.generator)
             losses.append(self.bootstrap_weight * boot)
             metrics.update(boot_metrics)
-        return torch.cat(losses), metrics
+        return global_share(torch.cat(losses), ctx.shard), metrics
 
     # ------------------------------------------------------------------------------------------ the two reviews
     @torch.no_grad()
-    def select(self, adapter: Adapter, batch, generator: torch.Generator) -> torch.Tensor:
-        """Indices of the kept offline pairs: all in round 0, else the top ⌈k·B⌉ by π_t's implicit margin."""
+    def select(self, adapter: Adapter, batch, ctx: StepContext) -> torch.Tensor:
+        """Indices (into this process's share) of the kept offline pairs: all in round 0, else the top ⌈k·B⌉ of the
+        *global* batch of B pairs by π_t's implicit margin, so W processes keep exactly the one-process run's pairs."""
         if self.round == 0:
             return torch.arange(batch.size)
-        with self.snapshot.swapped(adapter):
-            chosen, rejected = adapter.score_pairs(batch, generator=_copy(generator))
+        with self.snapshot.swapped(adapter), rewound(ctx.generator):
+            chosen, rejected = adapter.score_pairs(batch, generator=ctx.generator)
         margin = self.beta * ((chosen.policy - chosen.reference) - (rejected.policy - rejected.reference))
-        count = max(1, math.ceil(self.top_fraction * batch.size))
-        return torch.sort(margin.float().cpu(), descending=True, stable=True).indices[:count]
+        margins = torch.tensor(ctx.shard.gather(margin.float().cpu().tolist()))
+        start = sum(ctx.shard.gather([batch.size])[: ctx.shard.index])
+        count = max(1, math.ceil(self.top_fraction * margins.numel()))
+        kept = torch.sort(margins, descending=True, stable=True).indices[:count]
+        return kept[(kept >= start) & (kept < start + batch.size)] - start
 
     def bootstrap(self, adapter: Adapter, prompts: list[Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """DPO losses of the current policy on (best, worst) of K samples of π_t per prompt, ranked by r_t."""
         n, k = len(prompts), self.num_samples
         with self.snapshot.swapped(adapter), torch.no_grad():
             samples = draws.draw(adapter, prompts, k, generator, **self.sample_kwargs)
-            judged = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=_copy(generator))
+            with rewound(generator):
+                judged = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=generator)
         implicit = (judged.policy - judged.reference).view(n, k).float().cpu()
         loss, metrics = best_worst_dpo(adapter, samples, implicit, beta=self.beta, generator=generator,
                                        prefix="sera/bootstrap")
@@ -119,10 +126,3 @@ class SeRAStep(Step):
         self.round = int(state["round"])
         self.snapshot.load_state_dict(state["snapshot"])
 
-
-def _copy(generator: torch.Generator) -> torch.Generator:
-    """A generator in the same state: the snapshot's judgement sees the randomness the trained forward will use
-    (shared t and noise for diffusion), without advancing the trainer's stream."""
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
