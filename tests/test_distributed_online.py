@@ -12,13 +12,10 @@ differ from the one-process run.
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from test_train import pair_rows
+from two_processes import run_two_processes
 
 from genalign.adapters.tabular import TabularAdapter
 from genalign.distributed import Shard
@@ -100,41 +97,17 @@ def train(name: str, output_dir) -> dict:
     return {"history": history, "weights": weights}
 
 
-def _worker(rank: int, port: int, output_dir, result_file) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
-    torch.set_num_threads(1)
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # the parent's one-process state came with the fork
-    GradientState._reset_state()
-    assert PartialState(cpu=True).num_processes == 2
+def _worker(rank: int, output_dir, result_file) -> None:
     results = {name: train(name, output_dir) for name in SCENARIOS}
     if rank == 0:
         torch.save(results, result_file)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed_online")
-    result_file = root / "two.pt"
-    processes = mp.start_processes(_worker, args=(_free_port(), root / "two", result_file), nprocs=2, join=False,
-                                   start_method="fork")
-    deadline = time.monotonic() + 300
-    while not processes.join(timeout=2):  # raises with the child's traceback if one fails
-        if time.monotonic() > deadline:
-            for p in processes.processes:
-                p.kill()
-            pytest.fail("the two training processes did not finish within 5 minutes (a collective waiting forever?)")
-    two = torch.load(result_file, weights_only=False)
+    run_two_processes(_worker, root / "two", root / "two.pt")
+    two = torch.load(root / "two.pt", weights_only=False)
     one = {name: train(name, root / "one") for name in SCENARIOS}
     return one, two
 
