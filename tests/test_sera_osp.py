@@ -144,6 +144,22 @@ def test_osp_likelihood_judge_loss_matches_numpy():
     assert metrics["osp/pairs"] == len(expected)
 
 
+def test_osp_offline_weight_adds_dpo_on_the_rows_own_pairs():
+    """λ > 0: the online soft-preference losses (the same draws as λ = 0) followed by λ × DPO of every row's offline
+    pair, which is what teaches the model's own judgement the preferences."""
+    beta, lam = 0.4, 0.5
+    adapter = TabularAdapter(2, 4, reference_probs=REFERENCE)
+    set_policy(adapter, logits(3))
+    online, _ = OSPStep(4, beta)(adapter, PAIRS, StepContext(torch.Generator().manual_seed(2)))
+    loss, metrics = OSPStep(4, beta, offline_weight=lam)(adapter, PAIRS, StepContext(torch.Generator().manual_seed(2)))
+    lp = np_log_softmax(logits(3))
+    offline = [lam * np_dpo(beta, lp, LOG_REF, r["chosen"], r["rejected"], r["prompt"]) for r in PAIRS]
+    np.testing.assert_allclose(loss.detach().numpy(), [*online.detach().numpy(), *offline], rtol=1e-5)
+    assert metrics["osp/offline_loss"] == pytest.approx(np.mean(offline) / lam, rel=1e-5)
+    with pytest.raises(ValueError, match="chosen"):  # λ > 0 needs the rows' pairs
+        OSPStep(4, beta, offline_weight=lam)(adapter, [{"prompt": 0, "row": 7}], StepContext(torch.Generator()))
+
+
 def test_osp_pairwise_judge_gives_borda_scores():
     matrix = torch.tensor([[0.5, 0.9, 0.8, 0.7], [0.1, 0.5, 0.6, 0.3], [0.2, 0.4, 0.5, 0.5], [0.3, 0.7, 0.5, 0.5]])
     adapter = TabularAdapter(1, 4)
@@ -162,3 +178,5 @@ def test_osp_bad_parameters():
         build_step("osp", num_samples=1)
     with pytest.raises(ValueError, match="judge must be"):
         build_step("osp", judge="the model, somehow")
+    with pytest.raises(ValueError, match="offline_weight"):
+        build_step("osp", offline_weight=-1.0)

@@ -14,6 +14,12 @@ which is OSP's self-judgement through a prompt), turned into per-response scores
 probability of beating the other K − 1 (a Borda score). Pairs with equal judgement carry no preference: they are
 left out and counted. A text response that hit the length limit without an end token ranks below every finished
 one (the pairwise judges apply :func:`~genalign.online.judges.judge_pairs`' rule); their number is logged.
+
+The model's judgement is learned from the offline preference data (OSP's self-preferring model is trained on the
+preference dataset and then judges its own samples; it needs no separate reward model): with ``offline_weight`` λ > 0
+the rows' own pairs ``{prompt, chosen, rejected}`` add λ × DPO per row, which teaches the likelihood and implicit-reward
+judges which answers are preferred. With λ = 0 (rows need only a ``prompt``) the judgement is the model's as it is,
+and a likelihood judge then mostly sharpens the model's current mode.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import torch
 
 from genalign import objectives
 from genalign.adapters.base import Adapter
-from genalign.objectives._checks import positive
+from genalign.data.batching import pairwise_batch
+from genalign.objectives._checks import in_range, positive
 from genalign.online import draws
 from genalign.online.judges import bind, build_judge, judge_pairs
 from genalign.online.self_pairs import global_share, grouped, pick
@@ -42,15 +49,17 @@ class OSPStep(Step):
         beta: β of the soft-preference loss and of the implicit-reward judge.
         judge: "likelihood", "implicit", or a pairwise judge (callable or hydra spec).
         temperature: T of the preference strength.
+        offline_weight: λ of the DPO loss on the rows' offline pairs (0: rows need only a prompt).
         sample_kwargs: extra keyword arguments of ``adapter.sample`` (e.g. ``max_new_tokens``, ``temperature``).
     """
 
     def __init__(self, num_samples: int = 4, beta: float = 0.1, *, judge: Any = "likelihood", temperature: float = 1.0,
-                 sample_kwargs: dict[str, Any] | None = None):
+                 offline_weight: float = 0.0, sample_kwargs: dict[str, Any] | None = None):
         if int(num_samples) != num_samples or num_samples < 2:
             raise ValueError(f"num_samples must be an integer >= 2 (responses to rank), got {num_samples}")
         self.num_samples, self.beta = int(num_samples), positive("beta", beta)
         self.temperature = positive("temperature", temperature)
+        self.offline_weight = in_range("offline_weight", offline_weight, 0.0)
         self.judge = judge if judge in OWN_JUDGES else build_judge(judge)
         self.sample_kwargs = dict(sample_kwargs or {})
 
@@ -64,16 +73,22 @@ class OSPStep(Step):
         b, i, j = ranked_pairs(judged)
         metrics = {"osp/pairs": float(b.numel()), "osp/tied_pairs": float(n * k * (k - 1) / 2 - b.numel()),
                    "osp/unfinished": float((~draws.ended(adapter, samples)).sum())}
-        if b.numel() == 0:
-            return global_share(flat.policy[:0], ctx.shard), metrics
-        strength = torch.sigmoid((judged[b, i] - judged[b, j]) / self.temperature)
-        w, l = pick(scores, b, i), pick(scores, b, j)
-        device = w.policy.device
-        loss = objectives.soft_preference(w.policy, l.policy, w.reference, l.reference, beta=self.beta,
-                                          strength=strength.to(device))
-        metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
-        metrics["osp/strength"] = strength.mean()
-        return global_share(loss, ctx.shard), metrics
+        losses = [flat.policy[:0].float()]
+        if b.numel():
+            strength = torch.sigmoid((judged[b, i] - judged[b, j]) / self.temperature)
+            w, l = pick(scores, b, i), pick(scores, b, j)
+            losses.append(objectives.soft_preference(w.policy, l.policy, w.reference, l.reference, beta=self.beta,
+                                                     strength=strength.to(w.policy.device)))
+            metrics.update(objectives.pairwise_metrics(w.policy, l.policy, w.reference, l.reference, beta=self.beta))
+            metrics["osp/strength"] = strength.mean()
+        if self.offline_weight:
+            batch = pairwise_batch(adapter, rows).to(draws.device(adapter))
+            chosen, rejected = adapter.score_pairs(batch, generator=ctx.generator)
+            offline = objectives.dpo(chosen.policy, rejected.policy, chosen.reference, rejected.reference,
+                                     beta=self.beta)
+            losses.append(self.offline_weight * offline.float())
+            metrics["osp/offline_loss"] = offline.detach().mean()
+        return global_share(torch.cat(losses), ctx.shard), metrics
 
     @torch.no_grad()
     def judgement(self, adapter: Adapter, prompts: list[Any], samples: dict, scores: Scores) -> torch.Tensor:
