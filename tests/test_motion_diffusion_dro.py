@@ -5,6 +5,8 @@ noised preferred motion."""
 
 from __future__ import annotations
 
+import json
+import math
 import zlib
 
 import pytest
@@ -223,3 +225,29 @@ def test_drpo_on_motion_resets_trains_and_names_the_reset_grid():
     assert kwargs["lengths"].tolist() == [12, 12, 20, 20] and grid.tolist() == solver.timesteps[j:].tolist()
     loss, metrics = step(a, rows, ctx(0))
     assert loss.requires_grad and torch.isfinite(loss).all() and 0 <= metrics["drpo/reset_depth"] < 1
+
+
+# ------------------------------------------------------------------------------------------------ experiments
+SHORT = ["train.max_steps=2", "train.batch_size=2", "train.save_every=0", "train.eval_every=0", "train.log_every=1",
+         "+data.train.limit=8", "evaluator.num_prompts=32", "evaluator.num_inference_steps=2",
+         "evaluator.replications=2", "evaluator.num_gifs=0"]
+
+
+@pytest.mark.parametrize("name, extra", [("motion_diffusion_dro", ["objective.num_inference_steps=4"]),
+                                         ("motion_drpo", ["objective.num_inference_steps=3"])])
+def test_short_motion_experiment_runs_on_the_shipped_model(tmp_path, name, extra):
+    from hydra import compose, initialize_config_dir
+
+    from genalign.cli import CONFIG_DIR, run
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", f"output_dir={tmp_path}", *SHORT, *extra])
+    assert cfg.train.max_steps == 2  # the shipped configs run 100 x 8, motion_sopo's budget
+    metrics = run(cfg)
+    after = json.loads((tmp_path / "metrics.json").read_text())["after"]
+    assert {"r_precision_top3", "fid", "mm_dist", "diversity"} <= set(after)
+    first = metrics["history"][0]
+    if name == "motion_diffusion_dro":
+        assert first["loss"] == pytest.approx(MARGIN, rel=1e-4)  # policy = snapshot = reference at step 1
+    else:
+        assert first["loss"] == pytest.approx(math.log(2), rel=1e-4) or first["drpo/pairs"] == 0

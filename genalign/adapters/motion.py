@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -325,14 +326,18 @@ class MotionAdapter(Adapter, DiffusionSampling):
         guidance_scale: float,
         scheduler: str,
     ) -> tuple[dict[str, torch.Tensor], list[TrajectoryState]]:
-        """:meth:`DiffusionSampling.trajectories`: one frame count per trajectory drawn first (``U{60, …, 196}``
-        capped at ``max_frames``, ``[N·K]``), then :meth:`sample`; the empty caption samples the null condition.
+        """:meth:`DiffusionSampling.trajectories`: one frame count per trajectory (``U{60, …, 196}`` capped at
+        ``max_frames``, ``[N·K]``), then the initial noise ``[N·K, max_frames, D]`` cut to the longest count (so a
+        trajectory's draws do not depend on the others', as sharded sampling needs; ``init_noise_sigma`` is 1 for
+        DDPM and DPM-Solver++), then :meth:`sample` from it. The empty caption samples the null condition.
         Returns ``{"cond", "mask"}`` and the states."""
         n = len(prompts) * num_samples
         lengths = self._sample_lengths(n, 1, None, generator)
+        device = next(self.unwrapped_policy.parameters()).device
+        noise = randn_tensor((n, self.config.max_frames, self.config.feature_dim), generator=generator, device=device)
         out = self.sample(prompts, num_samples, generator=generator, lengths=lengths, timesteps=timesteps,
-                          guidance_scale=guidance_scale, scheduler=scheduler, return_trajectory=True,
-                          null_condition=[p == "" for p in prompts])
+                          start=noise[:, : int(lengths.max())], guidance_scale=guidance_scale, scheduler=scheduler,
+                          return_trajectory=True, null_condition=[p == "" for p in prompts])
         return {"cond": out["cond"], "mask": out["mask"]}, out["trajectory"]
 
     def start_state(self, batch: MotionBatch, noise: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:

@@ -45,7 +45,7 @@ prompt draws another state of its stored trajectories) and new prompts are sampl
 
 **Randomness** (all from ``ctx.generator``, which the trainer checkpoints) is drawn per call in this order: condition
 drop ``u [B]`` (only when dropout is active), then for prompts missing from the buffer the offsets ``[N]`` (for
-motion then the frame counts ``[N]``) and the sampler's noise, then the buffer draw (:meth:`TrajectoryBuffer.draw`), then the expert noise ε ``[B, ...]``.
+motion then the frame counts ``[N]``, and the noise at the model's ``max_frames``) and the sampler's noise, then the buffer draw (:meth:`TrajectoryBuffer.draw`), then the expert noise ε ``[B, ...]``.
 :meth:`checkpoint_state` returns the step itself: its state dict holds the snapshot and the buffer, so a resumed run
 continues exactly. With several processes the buffer is the same on every process (:meth:`DiffusionDROStep.fill`
 gathers the sampled shares) and the generator stays in lockstep (:mod:`genalign.distributed`), so accelerate's copy
