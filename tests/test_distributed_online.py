@@ -1,6 +1,7 @@
 """Online steps on two CPU processes (gloo) train exactly like one process with the same global batch: per-step
 losses, every logged metric and the final weights agree to 1e-5 for OAIF, Nash-MD, HyPO, SELM, PMPO (reference
-samples for its KL) and DRO (with its value network) on the tabular adapter.
+samples for its KL) and DRO (with its value network) on the tabular adapter, and Nash-MD on the embedded tiny
+arithmetic LM (policy and per-token mixture answers sampled with generate(), judged by the arithmetic verifier).
 
 What makes them equal (genalign.online.global_batch): samples are drawn for the global batch on every process and
 sliced (tabular sampling is one ``torch.multinomial`` over the whole batch), rows the judge leaves out (OAIF ties)
@@ -18,10 +19,12 @@ from test_train import pair_rows
 from two_processes import run_two_processes
 
 from genalign.adapters.tabular import TabularAdapter
+from genalign.adapters.text import TextAdapter
+from genalign.data.arithmetic import TINY_LM_PATH
 from genalign.distributed import Shard
 from genalign.online.dro import DROStep
 from genalign.online.hypo import HyPOStep
-from genalign.online.judges import PreferenceMatrixJudge, RewardJudge
+from genalign.online.judges import PreferenceMatrixJudge, RewardJudge, arithmetic_correctness
 from genalign.online.nash_md import NashMDStep
 from genalign.online.oaif import OAIFStep
 from genalign.online.pmpo import PMPOStep
@@ -60,6 +63,29 @@ def prompt_rows(n: int = 24) -> list[dict]:
     return [{"prompt": i % 3, "row": i} for i in range(n)]
 
 
+def sum_rows(n: int = 24) -> list[dict]:
+    return [{"prompt": f"{7 * i % 50}+{13 * i % 40}=", "row": i} for i in range(n)]
+
+
+def tabular():
+    return TabularAdapter(3, 4)
+
+
+def tiny_lm():
+    """The embedded arithmetic LM (no dropout). Its attention's query/key/value bias stays frozen: the key bias has an
+    analytically zero gradient (softmax is shift-invariant), so Adam would turn its rounding noise, which depends
+    on the order of the sums, into full-size steps in either run."""
+    adapter = TextAdapter.from_pretrained(str(TINY_LM_PATH), reference="copy", max_length=24, max_prompt_length=12)
+    for name, p in adapter.policy.named_parameters():
+        if name.endswith("attn.c_attn.bias"):
+            p.requires_grad_(False)
+    return adapter
+
+
+VERIFIER = RewardJudge(arithmetic_correctness)
+SHORT = {"max_new_tokens": 4}
+
+
 def rated_rows(n: int = 24) -> list[dict]:
     """One action per row with its reward and a thumbs up (reward >= 0.5), unevenly spread over the rows."""
     rows = []
@@ -71,27 +97,30 @@ def rated_rows(n: int = 24) -> list[dict]:
 
 
 SCENARIOS = {
-    # name: (step factory, rows factory, learning rate)
-    "oaif": (lambda: OAIFStep(RewardJudge(table_reward), beta=0.5), prompt_rows, 0.5),
-    "oaif_local_draws": (lambda: LocalDrawsOAIF(RewardJudge(table_reward), beta=0.5), prompt_rows, 0.5),
-    "nash_md": (lambda: NashMDStep(PreferenceMatrixJudge(CYCLE), beta=0.2, mixture=0.25), prompt_rows, 0.5),
-    "hypo": (lambda: HyPOStep(beta=0.5, lam=0.5), lambda: pair_rows(24), 0.5),
-    "selm": (lambda: SELMStep(beta=0.5, alpha=0.5), lambda: pair_rows(24), 0.5),
-    "pmpo": (lambda: PMPOStep(alpha=0.7, beta=0.3, kl_samples=2), rated_rows, 0.5),
-    "pmpo_local_fraction": (lambda: LocalFractionPMPO(alpha=0.7, beta=0.3, kl_samples=2), rated_rows, 0.5),
-    "dro": (lambda: DROStep(tau=0.5, value_lr=0.1, value_buckets=64, reward_range=[0.0, 1.0]), rated_rows, 0.5),
+    # name: (adapter factory, step factory, rows factory, learning rate)
+    "oaif": (tabular, lambda: OAIFStep(RewardJudge(table_reward), beta=0.5), prompt_rows, 0.5),
+    "oaif_local_draws": (tabular, lambda: LocalDrawsOAIF(RewardJudge(table_reward), beta=0.5), prompt_rows, 0.5),
+    "nash_md": (tabular, lambda: NashMDStep(PreferenceMatrixJudge(CYCLE), beta=0.2, mixture=0.25), prompt_rows, 0.5),
+    "hypo": (tabular, lambda: HyPOStep(beta=0.5, lam=0.5), lambda: pair_rows(24), 0.5),
+    "selm": (tabular, lambda: SELMStep(beta=0.5, alpha=0.5), lambda: pair_rows(24), 0.5),
+    "pmpo": (tabular, lambda: PMPOStep(alpha=0.7, beta=0.3, kl_samples=2), rated_rows, 0.5),
+    "pmpo_local_fraction": (tabular, lambda: LocalFractionPMPO(alpha=0.7, beta=0.3, kl_samples=2), rated_rows, 0.5),
+    "dro": (tabular, lambda: DROStep(tau=0.5, value_lr=0.1, value_buckets=64, reward_range=[0.0, 1.0]), rated_rows,
+            0.5),
+    # text: generate() for the policy's answers and the per-token geometric mixture's, judged by the verifier
+    "text_nash_md": (tiny_lm, lambda: NashMDStep(VERIFIER, beta=0.1, mixture=0.25, sample=SHORT), sum_rows, 1e-3),
 }
 
 
 def train(name: str, output_dir) -> dict:
     """Train a scenario; returns the per-step history and the final weights (the DRO value network's included)."""
-    make_step, make_rows, lr = SCENARIOS[name]
+    make_adapter, make_step, make_rows, lr = SCENARIOS[name]
     torch.manual_seed(0)
-    adapter, step = TabularAdapter(3, 4), make_step()
+    adapter, step = make_adapter(), make_step()
     cfg = TrainConfig(output_dir=str(output_dir / name), max_steps=STEPS, batch_size=GLOBAL_BATCH,
                       gradient_accumulation_steps=2, learning_rate=lr, log_every=1, save_every=0, seed=3)
     history = Trainer(adapter, step, make_rows(), cfg).train()["history"]
-    weights = {k: p.detach().clone() for k, p in adapter.unwrapped_policy.named_parameters()}
+    weights = {k: p.detach().clone() for k, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
     if isinstance(step, DROStep):
         weights.update({f"value.{k}": p.detach().clone() for k, p in step.value.named_parameters()})
     return {"history": history, "weights": weights}
@@ -124,7 +153,7 @@ def assert_same_run(one: dict, two: dict) -> None:
         torch.testing.assert_close(two["weights"][name], w, atol=TOL, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("name", ["oaif", "nash_md", "hypo", "selm", "pmpo", "dro"])
+@pytest.mark.parametrize("name", ["oaif", "nash_md", "hypo", "selm", "pmpo", "dro", "text_nash_md"])
 def test_two_processes_equal_one_process(runs, name):
     one, two = runs
     assert_same_run(one[name], two[name])
