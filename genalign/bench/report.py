@@ -30,7 +30,8 @@ SIDES = {
     "genalign-channels-last": "lever on: genalign with a channels-last UNet",
     "genalign-cached-reference": "lever on: genalign with reference scores cached per row (policy forward only; "
                                  "timing only, see findings)",
-    "genalign-compiled": "genalign with `train.compile` (`torch.compile` of the prepared policy)",
+    "genalign-compiled": "genalign with `train.compile` (`torch.compile` of the prepared policy; no memory row: "
+                         "compiling again in a fresh process takes many minutes on the CPU)",
 }
 
 
