@@ -1,6 +1,8 @@
 """DR-PO (text, tiny arithmetic LM) and inverse alignment (exact tabular adapter): reset states, reward-picked pairs
 and DPO values against independent recomputation, the refit's subset and fit, exact resume, bad input."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from genalign.data.arithmetic import TINY_LM_PATH, pairs
 from genalign.objectives import dpo
 from genalign.online import draws
 from genalign.online.drpo import DRPOStep
-from genalign.online.inverse_alignment import InverseAlignmentStep
+from genalign.online.inverse_alignment import InverseAlignmentStep, fit_bradley_terry
 from genalign.steps import StepContext, build_step
 from genalign.train import Trainer, TrainConfig
 
@@ -183,6 +185,27 @@ def test_inverse_alignment_refits_on_the_pairs_closest_to_the_policy():
     assert step.last_fit["inverse/rm_train_accuracy"] == 1.0 and step.phase == 1 and not step.due
 
 
+def test_inverse_alignment_warm_start_fine_tunes_one_reward_model():
+    """warm_start (FRFT): the first fit uses every offline pair, the next refit continues training that same model
+    on the closest subset — equal to fitting a copy of it on that subset with the same seed."""
+    adapter = tab_adapter()
+    step = InverseAlignmentStep(TAB_PAIRS, subset_fraction=0.5, rm_lr=0.1, rm_epochs=3, rm_batch_size=2,
+                                warm_start=True)
+    generator = torch.Generator().manual_seed(0)
+    seeds = torch.randint(2**62, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+    step.refit(adapter, generator)
+    assert step.last_fit["inverse/rm_pairs"] == len(TAB_PAIRS)
+    first = step.reward_model
+    expected = copy.deepcopy(first)
+    indices, _ = step.closest(adapter)
+    fit_bradley_terry(expected, [TAB_PAIRS[i] for i in indices], epochs=3, batch_size=2, lr=0.1,
+                      generator=torch.Generator().manual_seed(seeds[1]))
+    step.refit(adapter, generator)
+    assert step.reward_model is first and step.last_fit["inverse/rm_pairs"] == 3 and step.phase == 2
+    for name, value in expected.state_dict().items():
+        torch.testing.assert_close(first.state_dict()[name], value, msg=name)
+
+
 def test_inverse_alignment_online_loss_is_dpo_on_the_reward_models_best_and_worst():
     adapter = tab_adapter((0.25, 0.25, 0.25, 0.25))
     step = InverseAlignmentStep(TAB_PAIRS, subset_fraction=1.0, num_samples=4, beta=0.5, rm_epochs=50)
@@ -255,3 +278,32 @@ def test_reference_feature_reward_model_generalises_to_held_out_pairs(text_adapt
     torch.testing.assert_close(reference_rm(batch), reference_rm(records))  # a drawn batch scores like its texts
     with pytest.raises(TypeError, match="not a TextAdapter"):
         InverseAlignmentStep(TAB_PAIRS, rm_features="reference").refit(tab_adapter(), torch.Generator())
+
+
+def test_finetuned_reward_model_fits_its_own_copy_of_the_reference(text_adapter):
+    """rm_features='finetune': the Bradley–Terry fit trains a copy of the reference LM with the head (the training
+    pairs' BT loss, recomputed here, falls), the adapter's reference stays as it was, and the copy is checkpointed."""
+    train = pairs("train", n=64)
+    step = InverseAlignmentStep(train, subset_fraction=1.0, rm_features="finetune", rm_lr=1e-3, rm_epochs=3)
+    reference = {k: v.clone() for k, v in text_adapter.reference_model.state_dict().items()}
+    chosen, rejected = [(p["prompt"], p["chosen"]) for p in train], [(p["prompt"], p["rejected"]) for p in train]
+
+    def bt_loss(rm):
+        with torch.no_grad():
+            return float(torch.nn.functional.softplus(rm(rejected) - rm(chosen)).mean())
+
+    torch.manual_seed(0)
+    before = bt_loss(step.new_reward_model(text_adapter))
+    step.refit(text_adapter, torch.Generator().manual_seed(0))
+    rm = step.reward_model
+    assert bt_loss(rm) < before - 0.05
+    for name, value in text_adapter.reference_model.state_dict().items():
+        assert torch.equal(value, reference[name]), name
+    assert any(not torch.equal(p, reference[k]) for k, p in rm.backbone.state_dict().items())
+    reloaded = step.new_reward_model(text_adapter)
+    reloaded.load_state_dict(rm.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(chosen[:8]), rm(chosen[:8]))
+    no_copy = TextAdapter.from_pretrained(TINY_LM_PATH, reference="none", max_length=32, max_prompt_length=16)
+    with pytest.raises(ValueError, match="reference='copy'"):
+        step.new_reward_model(no_copy)

@@ -1,5 +1,7 @@
 """Inverse alignment: a reward model re-fitted, phase after phase, on the offline preference data closest to the
-current policy, and used to label the policy's own samples in the next online phase.
+current policy, and used to label the policy's own samples in the next online phase (Krishna & Sahoo 2024, "Solving
+the Inverse Alignment Problem for Efficient RLHF"; with ``warm_start`` the reward model is fine-tuned phase after
+phase, starting from one fitted on all offline pairs, as in their Filtered Reward Fine-Tuning).
 
 A reward model fitted once on all offline pairs is accurate where the offline responses lie, which drifts away from
 where the policy samples as it trains. So training runs in phases of ``refit_every`` optimizer steps. At the start of
@@ -15,12 +17,15 @@ text response that hit the length limit unfinished ranks last and is counted).
 Reward models (``rm_features``): "hashed" — :class:`~genalign.online.hashed.HashedTextNet` over ``(prompt, response)``
 (any modality; it memorises seen pairs but hardly generalises from character n-grams); "reference" — a head on the
 frozen reference language model's features of the response (its last hidden state at the response's last scored token
-and its mean over the response tokens), as reward models are usually built on a pretrained backbone. The head, the
-phase counter and the refit flag are checkpointed.
+and its mean over the response tokens); "finetune" — the same head on a trainable copy of the reference LM, fitted
+together, as reward models are usually built (a pretrained backbone fine-tuned with a scalar head; text adapters with
+reference='copy'). The head (and copy), the phase counter and the refit flag are checkpointed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from typing import Any, Sequence
 
@@ -37,7 +42,7 @@ from genalign.online.hashed import HashedTextNet, render
 from genalign.online.self_pairs import best_worst_dpo, global_share
 from genalign.steps import Step, StepContext
 
-RM_FEATURES = ("hashed", "reference")
+RM_FEATURES = ("hashed", "reference", "finetune")
 
 
 class InverseAlignmentStep(Step):
@@ -51,13 +56,16 @@ class InverseAlignmentStep(Step):
         num_samples, beta: K samples per prompt and DPO's β.
         rm_features: "hashed" or "reference" (text only), see the module docstring.
         rm_hidden, rm_buckets, rm_lr, rm_epochs, rm_batch_size: the reward model and its fit (Adam).
+        warm_start: fine-tune the previous reward model at each refit instead of fitting a fresh one, the first fit
+            on every offline pair (Filtered Reward Fine-Tuning, Krishna & Sahoo 2024).
         sample_kwargs: extra keyword arguments of ``adapter.sample``.
     """
 
     def __init__(self, pairs: Any, *, refit_every: int = 50, subset_fraction: float = 0.5, num_samples: int = 4,
                  beta: float = 0.1, rm_features: str = "hashed", rm_hidden: int = 0, rm_buckets: int = 2**14,
                  rm_lr: float = 0.05,
-                 rm_epochs: int = 5, rm_batch_size: int = 64, sample_kwargs: dict[str, Any] | None = None):
+                 rm_epochs: int = 5, rm_batch_size: int = 64, warm_start: bool = False,
+                 sample_kwargs: dict[str, Any] | None = None):
         self.pairs = _rows(pairs)
         for name, value, low in (("refit_every", refit_every, 1), ("num_samples", num_samples, 2),
                                  ("rm_epochs", rm_epochs, 1), ("rm_batch_size", rm_batch_size, 1)):
@@ -65,6 +73,7 @@ class InverseAlignmentStep(Step):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value}")
         self.refit_every, self.num_samples = int(refit_every), int(num_samples)
         self.rm_epochs, self.rm_batch_size = int(rm_epochs), int(rm_batch_size)
+        self.warm_start = bool(warm_start)
         self.subset_fraction = in_range("subset_fraction", subset_fraction, 0.0, 1.0)
         if self.subset_fraction == 0.0:
             raise ValueError("subset_fraction must be > 0 (the fraction of offline pairs the reward model is fitted on)")
@@ -82,9 +91,9 @@ class InverseAlignmentStep(Step):
         if self.rm_features == "hashed":
             return HashedTextNet(buckets=self.rm_buckets, hidden=self.rm_hidden)
         if not isinstance(adapter, TextAdapter):
-            raise TypeError(f"rm_features='reference' uses a language model's features; {type(adapter).__name__} is "
-                            "not a TextAdapter (use rm_features='hashed')")
-        return ReferenceFeatureReward(adapter, self.rm_hidden)
+            raise TypeError(f"rm_features={self.rm_features!r} uses a language model's features; "
+                            f"{type(adapter).__name__} is not a TextAdapter (use rm_features='hashed')")
+        return ReferenceFeatureReward(adapter, self.rm_hidden, finetune=self.rm_features == "finetune")
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         if self.pending is not None:
@@ -133,18 +142,22 @@ class InverseAlignmentStep(Step):
         return order.tolist(), close[order]
 
     def refit(self, adapter: Adapter, generator: torch.Generator) -> None:
-        """Fit a fresh reward model on the ``subset_fraction`` of offline pairs closest to the frozen policy."""
+        """Fit the reward model on the ``subset_fraction`` of offline pairs closest to the frozen policy: a fresh one,
+        or with ``warm_start`` the current one fine-tuned further (the first fit then uses every offline pair)."""
         indices, close = self.closest(adapter)
-        subset = [self.pairs[i] for i in indices]
         seed = int(torch.randint(2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.reward_model = self.new_reward_model(adapter)
+        first = self.reward_model is None
+        if first or not self.warm_start:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.reward_model = self.new_reward_model(adapter)
+        subset = self.pairs if first and self.warm_start else [self.pairs[i] for i in indices]
         accuracy = fit_bradley_terry(self.reward_model, subset, epochs=self.rm_epochs, batch_size=self.rm_batch_size,
                                      lr=self.rm_lr, generator=torch.Generator().manual_seed(seed))
         self.phase += 1
         self.due = False
-        self.last_fit = {"inverse/rm_train_accuracy": accuracy, "inverse/subset_closeness": float(close.mean())}
+        self.last_fit = {"inverse/rm_train_accuracy": accuracy, "inverse/subset_closeness": float(close.mean()),
+                         "inverse/rm_pairs": float(len(subset))}
 
     # ------------------------------------------------------------------------------------------ trainer hooks
     def on_optimizer_step(self, adapter: Adapter, global_step: int) -> None:
@@ -164,31 +177,45 @@ class InverseAlignmentStep(Step):
 
 
 class ReferenceFeatureReward(nn.Module):
-    """r(x, y) = head([h_last, h_mean]): h the frozen reference LM's last-layer hidden states over the response's
-    scored tokens (last one, mean). Features never change, so they are cached by (prompt, response)."""
+    """r(x, y) = head([h_last, h_mean]): h the reference LM's last-layer hidden states over the response's scored
+    tokens (last one, mean). Frozen (``finetune=False``): the features never change and are cached by (prompt,
+    response). ``finetune=True``: the reward model owns a trainable copy of the reference LM, fitted with the head (how
+    reward models are usually built: the pretrained backbone fine-tuned with a scalar head); needs reference='copy'."""
 
-    def __init__(self, adapter: TextAdapter, hidden: int = 0):
+    def __init__(self, adapter: TextAdapter, hidden: int = 0, *, finetune: bool = False):
         super().__init__()
         self.adapter = adapter  # not a module: not saved, not trained
         width = 2 * adapter.unwrapped_policy.config.hidden_size
         self.head = nn.Linear(width, 1) if not hidden else nn.Sequential(
             nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.backbone: nn.Module | None = None
+        if finetune:
+            if adapter.reference_mode != "copy":
+                raise ValueError("rm_features='finetune' copies the frozen reference LM into the reward model; it needs "
+                                 f"an adapter with reference='copy' (got {adapter.reference_mode!r})")
+            self.backbone = copy.deepcopy(adapter.reference_model).requires_grad_(True)
         self.cache: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def batch_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[N, 2H]`` features of a collated text batch (e.g. the policy's own samples, as drawn)."""
         adapter = self.adapter
         ids, attention, mask = (batch[k].to(adapter._device()) for k in ("input_ids", "attention_mask", "loss_mask"))
-        with adapter._generation_model(use_reference=True) as model, eval_mode(model):
-            h = model(input_ids=ids, attention_mask=attention, output_hidden_states=True,
-                      use_cache=False).hidden_states[-1].float()
+        if self.backbone is not None:  # trained in train mode, scored without dropout
+            with eval_mode(self.backbone) if not torch.is_grad_enabled() else contextlib.nullcontext():
+                h = self.backbone.to(ids.device)(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                                                 use_cache=False).hidden_states[-1].float()
+        else:
+            with torch.no_grad(), adapter._generation_model(use_reference=True) as model, eval_mode(model):
+                h = model(input_ids=ids, attention_mask=attention, output_hidden_states=True,
+                          use_cache=False).hidden_states[-1].float()
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
         weights = mask.unsqueeze(-1).float()
         return torch.cat([h[torch.arange(len(ids)), last], (h * weights).sum(1) / weights.sum(1).clamp(min=1)], -1)
 
     def features(self, inputs: Sequence[tuple[Any, Any]]) -> torch.Tensor:
-        """Features of ``(prompt, response)`` records, cached by their rendering."""
+        """Features of ``(prompt, response)`` records (cached by their rendering when the backbone is frozen)."""
+        if self.backbone is not None:
+            return self.batch_features(self.adapter.collate([{"prompt": p, "response": r} for p, r in inputs]))
         keys = [render(list(x)) for x in inputs]
         missing = sorted({k: x for k, x in zip(keys, inputs) if k not in self.cache}.items())
         if missing:
