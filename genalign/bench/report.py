@@ -173,8 +173,8 @@ def _findings(suites: dict[str, Any], device: str) -> list[str]:
             if name in online:
                 lines.append(f"  - {label}: {online[name]['sampling_share']:.0%} of the step.")
     if device == "cpu":
-        lines.append("- GPU (SD-1.5-shaped UNet and ~0.5B LM in bf16, MFU, `--compile`): supported by the suites, "
-                     "not measured in this run (no GPU).")
+        lines.append("- GPU (SD-1.5-shaped UNet and ~0.5B LM in bf16, MFU, `--compile` on CUDA): supported by the "
+                     "suites, not measured in this run (no GPU).")
     return lines + [""]
 
 
