@@ -1,7 +1,8 @@
 """Online steps on two CPU processes (gloo) train exactly like one process with the same global batch: per-step
 losses, every logged metric and the final weights agree to 1e-5 for OAIF, Nash-MD, HyPO, SELM, PMPO (reference
-samples for its KL) and DRO (with its value network) on the tabular adapter, and Nash-MD on the embedded tiny
-arithmetic LM (policy and per-token mixture answers sampled with generate(), judged by the arithmetic verifier).
+samples for its KL) and DRO (with its value network) on the tabular adapter, and Nash-MD and DR-PO on the embedded
+tiny arithmetic LM (policy, per-token mixture and reset-prefix answers sampled with generate(), judged by the
+arithmetic verifier).
 
 What makes them equal (genalign.online.global_batch): samples are drawn for the global batch on every process and
 sliced (tabular sampling is one ``torch.multinomial`` over the whole batch), rows the judge leaves out (OAIF ties)
@@ -23,6 +24,7 @@ from genalign.adapters.text import TextAdapter
 from genalign.data.arithmetic import TINY_LM_PATH
 from genalign.distributed import Shard
 from genalign.online.dro import DROStep
+from genalign.online.drpo import DRPOStep
 from genalign.online.hypo import HyPOStep
 from genalign.online.judges import PreferenceMatrixJudge, RewardJudge, arithmetic_correctness
 from genalign.online.nash_md import NashMDStep
@@ -67,6 +69,15 @@ def sum_rows(n: int = 24) -> list[dict]:
     return [{"prompt": f"{7 * i % 50}+{13 * i % 40}=", "row": i} for i in range(n)]
 
 
+def sum_pairs(n: int = 24) -> list[dict]:
+    """Prompts with their correct sum preferred over sum + 1 (DR-PO resets to prefixes of the preferred one)."""
+    rows = []
+    for row in sum_rows(n):
+        total = sum(map(int, row["prompt"][:-1].split("+")))
+        rows.append({**row, "chosen": str(total), "rejected": str(total + 1)})
+    return rows
+
+
 def tabular():
     return TabularAdapter(3, 4)
 
@@ -74,7 +85,8 @@ def tabular():
 def tiny_lm():
     """The embedded arithmetic LM (no dropout). Its attention's query/key/value bias stays frozen: the key bias has an
     analytically zero gradient (softmax is shift-invariant), so Adam would turn its rounding noise, which depends
-    on the order of the sums, into full-size steps in either run."""
+    on the order of the sums, into full-size steps in either run (the same holds, rarely, for a weight whose gradient
+    is ~1e-9: small learning rates keep that below the tolerance)."""
     adapter = TextAdapter.from_pretrained(str(TINY_LM_PATH), reference="copy", max_length=24, max_prompt_length=12)
     for name, p in adapter.policy.named_parameters():
         if name.endswith("attn.c_attn.bias"):
@@ -109,6 +121,8 @@ SCENARIOS = {
             0.5),
     # text: generate() for the policy's answers and the per-token geometric mixture's, judged by the verifier
     "text_nash_md": (tiny_lm, lambda: NashMDStep(VERIFIER, beta=0.1, mixture=0.25, sample=SHORT), sum_rows, 1e-3),
+    "text_drpo": (tiny_lm, lambda: DRPOStep(arithmetic_correctness, num_samples=2, beta=0.1, reward_range=[0.0, 1.0],
+                                            sample_kwargs={**SHORT, "temperature": 2.0}), sum_pairs, 3e-4),
 }
 
 
@@ -153,7 +167,7 @@ def assert_same_run(one: dict, two: dict) -> None:
         torch.testing.assert_close(two["weights"][name], w, atol=TOL, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("name", ["oaif", "nash_md", "hypo", "selm", "pmpo", "dro", "text_nash_md"])
+@pytest.mark.parametrize("name", ["oaif", "nash_md", "hypo", "selm", "pmpo", "dro", "text_nash_md", "text_drpo"])
 def test_two_processes_equal_one_process(runs, name):
     one, two = runs
     assert_same_run(one[name], two[name])

@@ -15,7 +15,9 @@ preferred motion's frame count); j = 0 is almost pure noise. Image and motion ad
 rollouts of a prompt are scored on one shared timestep and noise, so each (best, worst) pair is Diffusion-DPO's.
 
 Rows whose K rewards all tie are skipped and counted; a rollout that hits the length limit without an end token
-gets the lowest reward of its group minus one (it loses to every finished one) and is counted.
+gets the lowest reward of its group minus one (it loses to every finished one) and is counted. Under several
+processes (text) the reset points and rollouts are the one-process run's (one uniform draw per row, rollouts drawn
+for the global batch, :mod:`genalign.online.global_batch`) and the loss is the mean over every process's pairs.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from typing import Any, Sequence
 
 import torch
 
+from genalign import objectives
 from genalign.adapters.diffusion_sampling import DiffusionSampling
 from genalign.adapters.diffusion_scores import sampling_scheduler
 from genalign.adapters.text import TextAdapter
 from genalign.objectives._checks import positive
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.judges import RewardJudge
 from genalign.online.self_pairs import best_worst_dpo
-from genalign.steps import Step, StepContext
+from genalign.steps import Step, StepContext, _global_masked_mean
 
 
 class DRPOStep(Step):
@@ -65,7 +68,7 @@ class DRPOStep(Step):
         if isinstance(adapter, TextAdapter):
             prompts, prefixes = self.reset_states(adapter, rows, ctx.generator)
             starts = [p + h for p, h in zip(prompts, prefixes)]
-            samples = draws.draw(adapter, starts, k, ctx.generator, **self.sample_kwargs)
+            samples = global_batch.draw(adapter, starts, k, ctx, **self.sample_kwargs)
             responses = [prefixes[q // k] + text for q, text in enumerate(draws.responses(samples))]
             depth = sum(len(h) > 0 for h in prefixes) / n  # rows reset past the prompt
         elif isinstance(adapter, DiffusionSampling):
@@ -80,13 +83,27 @@ class DRPOStep(Step):
         reward = self.reward.rewards([p for p in prompts for _ in range(k)], responses).float().view(n, k)
         ended = draws.ended(adapter, samples).view(n, k)
         loss, metrics = best_worst_dpo(adapter, samples, reward, beta=self.beta, generator=ctx.generator, prefix="drpo")
-        metrics.update({"drpo/reward": reward[ended].mean().item() if ended.any() else float("nan"),
+        loss, metrics = self.global_pairs(loss, metrics, ctx)
+        ended = ended.to(reward.device)
+        metrics.update({"drpo/reward": _global_masked_mean(reward, ended, ctx.global_mean),
                         "drpo/reset_depth": float(depth)})
         return loss, metrics
+
+    def global_pairs(self, loss: torch.Tensor, metrics: dict, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """The per-pair losses weighted so the processes' mean is the mean over every process's pairs (their number
+        varies: tied rows are skipped), counts summed and reward metrics averaged over all pairs."""
+        pairs = int(metrics["drpo/pairs"])
+        share = ctx.global_mean(torch.tensor(float(pairs)))
+        loss = loss * (pairs / share.to(loss.device)) if pairs else loss  # no pair: best_worst_dpo's zero
+        counts = global_batch.global_sums({k: metrics[k] for k in ("drpo/pairs", "drpo/ties", "drpo/unfinished")}, ctx)
+        keys = objectives.pairwise_metrics(*[torch.zeros(1)] * 4, beta=self.beta)  # the same keys on every process
+        means = {key: metrics.get(key, float("nan")) for key in keys}
+        return loss, {**counts, **global_batch.global_kept_means(means, pairs, ctx)}
 
     def reset_states(self, adapter: TextAdapter, rows: Sequence[dict], generator: torch.Generator):
         """Per row the prompt and a prefix y_w[:h] of its preferred response, h ~ U{0, …, T−1} over its tokens."""
         prompts, prefixes = draws.prompts(rows), []
+        uniform = torch.rand(len(rows), generator=generator, device=generator.device).tolist()  # one draw per row
         for i, (row, prompt) in enumerate(zip(rows, prompts)):
             preferred = row.get("chosen", row.get("response"))
             where = row.get("source") or f"row {row.get('row', i)}"
@@ -94,7 +111,7 @@ class DRPOStep(Step):
                 raise ValueError(f"{where}: DR-PO needs a string 'prompt' and a non-empty string preferred response "
                                  "('chosen' or 'response') to reset from; chat-message rows are not supported")
             ids = adapter.tokenizer(preferred, add_special_tokens=False)["input_ids"]
-            h = int(torch.randint(len(ids), (1,), generator=generator))
+            h = min(int(uniform[i] * len(ids)), len(ids) - 1)
             prefixes.append(adapter.tokenizer.decode(ids[:h]))
         return prompts, prefixes
 
