@@ -1,10 +1,11 @@
-"""Compare SoPo, MoDiPO, Diffusion-DPO and Diffusion-KTO on the embedded motion demo over seeds.
+"""Compare SoPo, MoDiPO, Diffusion-DPO, Diffusion-KTO and Diffusion-DRO on the embedded motion demo over seeds.
 
 Runs ``genalign-train experiment=motion_<method> train.seed=<seed>`` (one process after another) into
 ``<runs>/<method>/seed<seed>``, skipping finished runs (the digits comparison's helpers), then writes
-``docs/motion_comparison.md`` — per method, before and after: mean ± sample std over the seeds of R-precision
+``docs/motion_comparison.md`` — per method (with the learning rate its runs used), before and after: mean ± sample std over the seeds of R-precision
 top-1/top-3, MM-Dist, FID and Diversity, plus each run's own 95 % half-width (the protocol's 20 replications) —
-and ``docs/motion_comparison.png`` (bars with the std over seeds). Only finished runs enter the table.
+and ``docs/motion_comparison.png`` (bars with the std over seeds). Only finished runs enter the table; a method
+whose ``configs/experiment/motion_<method>.yaml`` does not exist is left out.
 
     OMP_NUM_THREADS=1 python scripts/compare_motion.py --seeds 0 1 2
     python scripts/compare_motion.py --no-run   # tabulate the finished runs only
@@ -20,12 +21,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_digits import finished, run_dir, wall_seconds  # noqa: E402  (the generic run bookkeeping)
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = {"sopo": "SoPo", "modipo": "MoDiPO", "dpo": "Diffusion-DPO (GT vs base)", "kto": "Diffusion-KTO"}
+METHODS = {"sopo": "SoPo", "modipo": "MoDiPO", "dpo": "Diffusion-DPO (GT vs base)", "kto": "Diffusion-KTO",
+           "diffusion_dro": "Diffusion-DRO"}
+AVAILABLE = [m for m in METHODS if (ROOT / "configs" / "experiment" / f"motion_{m}.yaml").exists()]
 METRICS = {"r_precision_top1": "top-1 ↑", "r_precision_top3": "top-3 ↑", "mm_dist": "MM-Dist ↓", "fid": "FID ↓",
            "diversity": "Diversity"}
 
@@ -59,9 +63,16 @@ def significant(runs: list[dict], key: str, better: str) -> str:
     return f"{count}/{len(runs)}"
 
 
-def markdown(results: dict[str, dict[int, dict]], walls: dict[str, list[float]], command: str) -> str:
+def learning_rates(runs: Path, method: str, seeds: list[int]) -> str:
+    """The ``train.learning_rate`` values the method's runs were launched with (from each run's config.yaml)."""
+    rates = sorted({float(OmegaConf.load(run_dir(runs, method, s) / "config.yaml").train.learning_rate) for s in seeds})
+    return ", ".join(f"{r:g}" for r in rates)
+
+
+def markdown(results: dict[str, dict[int, dict]], rates: dict[str, str], walls: dict[str, list[float]],
+             command: str) -> str:
     lines = [
-        "# Motion demo: SoPo vs MoDiPO vs Diffusion-DPO vs Diffusion-KTO",
+        "# Motion demo: " + " vs ".join(METHODS[m].split(" (")[0] for m in results),
         "",
         f"Written by `{command}`. Base: `assets/motion-mdm`; metrics: the HumanML3D protocol on the synthetic test "
         "split (`configs/evaluator/motion.yaml`: 96 test captions at their real lengths, fixed sampler noise, the "
@@ -69,15 +80,15 @@ def markdown(results: dict[str, dict[int, dict]], walls: dict[str, list[float]],
         "seeds listed; with a single seed it is the run's value with its own 95 % half-width in brackets. "
         "\"significant\" counts the runs whose change exceeds the sum of the before and after half-widths.",
         "",
-        "| method | seeds | " + " | ".join(f"{label} before | {label} after" for label in METRICS.values())
+        "| method | lr | seeds | " + " | ".join(f"{label} before | {label} after" for label in METRICS.values())
         + " | top-3 ↑ significant | MM-Dist ↓ significant |",
-        "|---|---|" + "---|---|" * len(METRICS) + "---|---|",
+        "|---|---|---|" + "---|---|" * len(METRICS) + "---|---|",
     ]
     for method, by_seed in results.items():
         runs = [by_seed[s] for s in sorted(by_seed)]
         cells = [cell(runs, when, key) for key in METRICS for when in ("before", "after")]
         seeds = ", ".join(str(s) for s in sorted(by_seed))
-        lines.append(f"| {METHODS[method]} | {seeds} | " + " | ".join(cells)
+        lines.append(f"| {METHODS[method]} | {rates[method]} | {seeds} | " + " | ".join(cells)
                      + f" | {significant(runs, 'r_precision_top3', 'up')} | {significant(runs, 'mm_dist', 'down')} |")
     if any(walls.values()):
         lines += ["", "Wall time per run (seconds, whole `genalign-train` process with both evaluations, on a CPU "
@@ -112,7 +123,7 @@ def bar_chart(results: dict[str, dict[int, dict]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=AVAILABLE, default=AVAILABLE)
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "motion_comparison")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--no-run", action="store_true", help="only tabulate runs that already finished")
@@ -138,8 +149,9 @@ def main() -> None:
         raise SystemExit(f"no finished runs under {args.runs}; run without --no-run first")
     walls = {m: [w for s in sorted(by_seed) if (w := wall_seconds(run_dir(args.runs, m, s))) is not None]
              for m, by_seed in results.items()}
+    rates = {m: learning_rates(args.runs, m, sorted(by_seed)) for m, by_seed in results.items()}
     args.docs.mkdir(parents=True, exist_ok=True)
-    text = markdown(results, walls, "python scripts/compare_motion.py --seeds " + " ".join(map(str, args.seeds)))
+    text = markdown(results, rates, walls, "python scripts/compare_motion.py --seeds " + " ".join(map(str, args.seeds)))
     (args.docs / "motion_comparison.md").write_text(text + (f"\n{args.note}\n" if args.note else ""))
     bar_chart(results, args.docs / "motion_comparison.png")
     print((args.docs / "motion_comparison.md").read_text())
