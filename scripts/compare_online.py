@@ -57,9 +57,15 @@ def budget(overrides: list[str]) -> str:
     return f"{values.get('train.max_steps', '?')} × {values.get('train.batch_size', '?')}"
 
 
-def markdown(results: dict, command: str, note: str = "") -> str:
+def table_of(results: dict) -> dict:
+    """:func:`summarise` of the results, rows in :data:`METHODS` order (unknown rows last)."""
     table = summarise(results, list(METRICS))
-    names = [m for m in METHODS if m in table] + sorted(set(table) - set(METHODS))
+    return {name: table[name] for name in [m for m in METHODS if m in table] + sorted(set(table) - set(METHODS))}
+
+
+def markdown(results: dict, command: str, note: str = "") -> str:
+    table = table_of(results)
+    names = list(table)
     lines = [
         "# Online and single-trajectory methods on the tiny arithmetic LM",
         "",
@@ -116,7 +122,7 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "online_comparison.md").write_text(markdown(results, command, note))
     labels = {m: label for m, (label, _, _) in METHODS.items()}
-    bar_chart(summarise(results, list(METRICS)), labels, METRICS, args.docs / "online_comparison.png")
+    bar_chart(table_of(results), labels, METRICS, args.docs / "online_comparison.png")
     print((args.docs / "online_comparison.md").read_text(), flush=True)
 
 
