@@ -124,7 +124,7 @@ class DRPOStep(Step):
         sched = sampling_scheduler(self.scheduler, adapter.noise_scheduler.config)
         sched.set_timesteps(self.num_inference_steps)
         grid = sched.timesteps.long().cpu()
-        j = int(torch.randint(len(grid), (1,), generator=generator))
+        j = int(torch.randint(len(grid), (), generator=generator))  # a scalar: one j for the global batch on every process
         x0 = preferred[adapter.sample_key]
         eps = torch.randn(x0.shape, generator=generator, device=generator.device)
         return adapter.start_state(preferred, eps, grid[j].expand(x0.shape[0])), grid[j:]
