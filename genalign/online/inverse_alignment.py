@@ -37,7 +37,7 @@ from genalign.adapters.base import Adapter
 from genalign.adapters.text import TextAdapter, eval_mode
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.hashed import HashedTextNet, render
 from genalign.online.self_pairs import best_worst_dpo, global_share
 from genalign.steps import Step, StepContext
@@ -105,7 +105,7 @@ class InverseAlignmentStep(Step):
                 self.refit(adapter, ctx.generator)
         prompts = draws.prompts(rows)
         n, k = len(prompts), self.num_samples
-        samples = draws.draw(adapter, prompts, k, ctx.generator, **self.sample_kwargs)
+        samples = global_batch.draw(adapter, prompts, k, ctx, **self.sample_kwargs)
         responses = draws.responses(samples)
         with torch.no_grad():
             inputs = samples if isinstance(self.reward_model, ReferenceFeatureReward) else [

@@ -32,7 +32,7 @@ from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.judges import bind, build_judge, judge_pairs
 from genalign.online.self_pairs import global_share, grouped, pick
 from genalign.steps import Step, StepContext
@@ -66,7 +66,7 @@ class OSPStep(Step):
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
         prompts = draws.prompts(rows)
         n, k = len(prompts), self.num_samples
-        samples = draws.draw(adapter, prompts, k, ctx.generator, **self.sample_kwargs)
+        samples = global_batch.draw(adapter, prompts, k, ctx, **self.sample_kwargs)
         flat = adapter.score(samples, groups=torch.arange(n * k), generator=ctx.generator)
         scores = grouped(flat, n, k)
         judged = self.judgement(adapter, prompts, samples, scores)

@@ -29,7 +29,7 @@ from genalign import objectives
 from genalign.adapters.base import Adapter
 from genalign.data.batching import pairwise_batch
 from genalign.objectives._checks import in_range, positive
-from genalign.online import draws
+from genalign.online import draws, global_batch
 from genalign.online.self_pairs import PolicySnapshot, best_worst_dpo, global_share, rewound
 from genalign.steps import Step, StepContext
 
@@ -74,7 +74,7 @@ class SeRAStep(Step):
         metrics.update({"sera/round": float(self.round), "sera/kept": float(keep.numel())})
         losses = [offline]
         if self.round > 0 and self.num_samples:
-            boot, boot_metrics = self.bootstrap(adapter, draws.prompts(rows), ctx.generator)
+            boot, boot_metrics = self.bootstrap(adapter, draws.prompts(rows), ctx)
             losses.append(self.bootstrap_weight * boot)
             metrics.update(boot_metrics)
         return global_share(torch.cat(losses), ctx.shard), metrics
@@ -95,11 +95,12 @@ class SeRAStep(Step):
         kept = torch.sort(margins, descending=True, stable=True).indices[:count]
         return kept[(kept >= start) & (kept < start + batch.size)] - start
 
-    def bootstrap(self, adapter: Adapter, prompts: list[Any], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """DPO losses of the current policy on (best, worst) of K samples of π_t per prompt, ranked by r_t."""
-        n, k = len(prompts), self.num_samples
+    def bootstrap(self, adapter: Adapter, prompts: list[Any], ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        """DPO losses of the current policy on (best, worst) of K samples of π_t per prompt, ranked by r_t (the
+        samples the one-process run draws for these prompts, :func:`global_batch.draw`)."""
+        n, k, generator = len(prompts), self.num_samples, ctx.generator
         with self.snapshot.swapped(adapter), torch.no_grad():
-            samples = draws.draw(adapter, prompts, k, generator, **self.sample_kwargs)
+            samples = global_batch.draw(adapter, prompts, k, ctx, **self.sample_kwargs)
             with rewound(generator):
                 judged = adapter.score(samples, groups=torch.arange(n).repeat_interleave(k), generator=generator)
         implicit = (judged.policy - judged.reference).view(n, k).float().cpu()
