@@ -15,7 +15,7 @@ from genalign.steps import build_step
 TEXT = ["text_dro", "text_pmpo", "text_sera", "text_osp", "text_drpo", "text_inverse_alignment",
         "text_multiturn_dpo", "text_multiturn_kto"]
 DIFFUSION = ["digits_pmpo", "digits_sera", "digits_drpo", "motion_dro", "motion_pmpo", "motion_sera", "motion_drpo",
-             "motion_diffusion_dro"]
+             "motion_diffusion_dro", "digits_ipo_md", "motion_ipo_md", "digits_reward_dro"]
 
 
 def composed(name, tmp_path, *overrides):
