@@ -5,6 +5,7 @@ evaluation seeds and image counts (how precise the 200-image, one-seed protocol 
 """
 
 import argparse
+import itertools
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,20 +22,22 @@ def main() -> None:
     parser.add_argument("unets", nargs="*", help="trained UNet folders (a run's final/unet); the base is always scored")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--per-digit", type=int, default=20, help="images per digit (the protocol uses 20)")
+    parser.add_argument("--guidance", type=float, nargs="+", default=None,
+                        help="classifier-free guidance scales (default: the evaluator config's)")
+    parser.add_argument("--skip-base", action="store_true", help="score only the given UNets")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["experiment=digits_dro"])
-    adapter = instantiate(cfg.adapter, ema_decay=None)  # score the loaded weights themselves
-    for name in ["base", *args.unets]:
+    adapter = instantiate(cfg.adapter, ema_decay=None, ema_power=None)  # score the loaded weights themselves
+    for name in ([] if args.skip_base else ["base"]) + args.unets:
         if name != "base":
             adapter.unwrapped_policy.load_state_dict(UNet2DConditionModel.from_pretrained(name).state_dict())
-        for seed in args.seeds:
+        for guidance, seed in itertools.product(args.guidance or [cfg.evaluator.guidance_scale], args.seeds):
             evaluator = DigitsTrainingEvaluator(DigitsEvaluator(args.per_digit, seed=seed),
                                                 num_inference_steps=cfg.evaluator.num_inference_steps,
-                                                guidance_scale=cfg.evaluator.guidance_scale,
-                                                scheduler=cfg.evaluator.scheduler)
+                                                guidance_scale=guidance, scheduler=cfg.evaluator.scheduler)
             metrics = evaluator(adapter)
-            print(f"{name}  seed {seed}  {10 * args.per_digit} images  " +
+            print(f"{name}  guidance {guidance:g}  seed {seed}  {10 * args.per_digit} images  " +
                   "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
 
 

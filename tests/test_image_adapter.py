@@ -248,8 +248,12 @@ def test_lora_reference_step_export_and_reference_sampling(sd_folder, tmp_path):
     assert not torch.allclose(policy_sample["x0"], before_sample["x0"], rtol=0, atol=1e-7)
 
 
-def test_full_finetune_ema_save_writes_ema_weights(tmp_path):
-    adapter = pixel_adapter(ema_decay=0.5)
+# diffusers EMAModel: decay 0 at its first step; at the second min(ema_decay, (1 + 1) / (10 + 1)), or with the
+# power-law warm-up min(ema_decay, 1 - (1 + 1)^-power)
+@pytest.mark.parametrize("ema, d", [({"ema_decay": 0.5}, 2 / 11), ({"ema_decay": 0.9, "ema_power": 1.0}, 0.5),
+                                    ({"ema_decay": 0.9, "ema_power": 0.5}, 1 - 2 ** -0.5)])
+def test_full_finetune_ema_save_writes_ema_weights(tmp_path, ema, d):
+    adapter = pixel_adapter(**ema)
     batch = pairwise_batch(adapter, pair_rows(2))
     params = adapter.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=0.05)
@@ -263,7 +267,6 @@ def test_full_finetune_ema_save_writes_ema_weights(tmp_path):
         snapshots.append([p.detach().clone() for p in params])
     adapter.save(str(tmp_path / "out"))
     saved = dict(UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet").named_parameters())
-    d = 2 / 11  # diffusers EMAModel: decay 0 at its first step, min(0.5, (1 + 1) / (10 + 1)) at the second
     names = [n for n, p in adapter.policy.named_parameters() if p.requires_grad]
     moved = [i for i, (a, b) in enumerate(zip(*snapshots)) if not torch.equal(a, b)]
     assert moved
@@ -271,6 +274,11 @@ def test_full_finetune_ema_save_writes_ema_weights(tmp_path):
         assert torch.allclose(saved[name], d * snapshots[0][i] + (1 - d) * snapshots[1][i], atol=1e-6), name
     for p, s in zip(params, snapshots[1]):  # the live weights are restored after saving
         assert torch.equal(p, s)
+
+
+def test_ema_power_needs_an_ema():
+    with pytest.raises(ValueError, match="ema_power"):
+        pixel_adapter(ema_power=0.75)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

@@ -66,7 +66,9 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         prompt_dropout: fraction of groups scored with the empty prompt while the policy is in training mode.
         timestep_range: ``(lo, hi)``, timesteps drawn uniformly from ``lo … hi−1`` (default all).
         ema_decay: keep an ``EMAModel`` of the trainable weights (call :meth:`ema_step` after each optimizer step);
-            :meth:`save` then writes the EMA weights.
+            :meth:`save` then writes the EMA weights. diffusers' warm-up caps the decay at step s at
+            ``(1 + s) / (10 + s)``, or, with ``ema_power`` p, at ``1 − (1 + s)^−p`` (Karras et al. 2022's
+            power-law averaging; p = 2/3 ~ the last third of the run), so short runs average over a longer window.
         cache_dir / cache_namespace: cache VAE latents and prompt encodings on disk, keyed by content and by
             ``cache_namespace`` (a name for the frozen VAE + prompt encoder, e.g. the model folder).
     """
@@ -85,9 +87,12 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         prompt_dropout: float = 0.2,
         timestep_range: tuple[int, int] | None = None,
         ema_decay: float | None = None,
+        ema_power: float | None = None,
         cache_dir: str | Path | None = None,
         cache_namespace: str | None = None,
     ):
+        if ema_power is not None and (ema_decay is None or ema_power <= 0):
+            raise ValueError(f"ema_power={ema_power!r} needs ema_decay=... and must be > 0")
         self.prediction_type = check_prediction_type(noise_scheduler)
         self.noise_scheduler = noise_scheduler
         num_timesteps = noise_scheduler.config.num_train_timesteps
@@ -119,7 +124,8 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
             unet.requires_grad_(True)
         self.lora = lora is not None
         self.policy = unet.train()
-        self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay) if ema_decay is not None else None
+        self.ema = None if ema_decay is None else EMAModel(
+            self.trainable_parameters(), decay=ema_decay, use_ema_warmup=ema_power is not None, power=ema_power or 2 / 3)
         self.text_time = unet.config.addition_embed_type == "text_time"
         self._empty: ImageBatch | None = None
 
