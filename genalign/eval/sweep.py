@@ -1,19 +1,29 @@
-"""Run experiments × seeds one process after another, keep their results in one JSON file, and summarise them.
+"""Run experiments × seeds one process after another, keep their results, and summarise them.
 
-A comparison script names its rows (``name -> experiment config``), calls :func:`run_rows` for the rows and seeds it
-wants (re-run rows replace their old entries, the others stay), then tabulates :func:`summarise` of the merged file.
 Each run is ``python -m genalign.cli experiment=<experiment> train.seed=<seed> output_dir=<runs>/<name>/seed<seed>
-<overrides>`` in its own process; its entry in the results file is::
+<overrides>`` in its own process, which also records its wall time in ``wall_seconds.txt`` there. A comparison script
+names its rows (``name -> experiment config``) and keeps their results in one of two ways:
+
+- a results file: :func:`run_rows` re-runs the rows and seeds asked for from scratch (re-run rows replace their old
+  entries, the others stay); each entry is::
 
     results[name][str(seed)] = {"before": {...}, "after": {...}, "wall_seconds": s, "commit": "abc1234[+dirty]",
                                 "overrides": [...]}
 
-``commit`` is HEAD when the run started, ``+dirty`` when the row's watched paths (default ``configs/`` and
-``genalign/``) had uncommitted changes.
+  ``commit`` is HEAD when the run started, ``+dirty`` when the row's watched paths (default ``configs/`` and
+  ``genalign/``) had uncommitted changes;
+- the run folders themselves: :func:`run_missing` launches only the runs whose folder has not finished (an
+  interrupted one resumes from its last checkpoint) and :func:`collect` reads the finished folders back in the same
+  shape (``before``, ``after`` and ``wall_seconds``, None where the folder recorded none). :func:`folder_arguments`,
+  :func:`sweep_folders` and :func:`publish` are the command line, run-and-collect and write-out steps such a script
+  shares.
+
+Either way the script tabulates :func:`summarise` of the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,7 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -39,25 +49,42 @@ def commit(root: Path = REPO_ROOT, paths: Sequence[str] = WATCHED) -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def run_dir(runs: Path, name: str, seed: int) -> Path:
+    """Where row ``name``'s run with ``seed`` lives: ``<runs>/<name>/seed<seed>``."""
+    return Path(runs) / name / f"seed{seed}"
+
+
+def finished(output_dir: Path) -> dict | None:
+    """``{"before", "after", "wall_seconds"}`` of a run folder whose ``metrics.json`` has both evaluations
+    (``wall_seconds`` None when the folder has no ``wall_seconds.txt``), else None."""
+    file, wall = Path(output_dir) / "metrics.json", Path(output_dir) / "wall_seconds.txt"
+    metrics = json.loads(file.read_text()) if file.exists() else {}
+    if not {"before", "after"} <= set(metrics):
+        return None
+    return {"before": metrics["before"], "after": metrics["after"],
+            "wall_seconds": float(wall.read_text()) if wall.exists() else None}
+
+
 def launch(experiment: str, seed: int, output_dir: Path, overrides: Sequence[str] = (), root: Path = REPO_ROOT,
-           watch: Sequence[str] = WATCHED) -> dict:
-    """Train ``experiment`` with ``seed`` into a fresh ``output_dir`` (an old run there is deleted: the trainer would
-    resume it) in a subprocess (raises if it fails); returns its results entry (the run's metrics.json
-    "before"/"after", wall seconds of the whole process, :func:`commit` of ``watch``, overrides)."""
-    shutil.rmtree(output_dir, ignore_errors=True)
+           watch: Sequence[str] = WATCHED, fresh: bool = True) -> dict:
+    """Train ``experiment`` with ``seed`` into ``output_dir`` in a subprocess (raises if it fails) and write the
+    process's wall seconds to ``output_dir/wall_seconds.txt``. ``fresh``: delete an old run there first (the
+    trainer would resume it); otherwise an interrupted run resumes from its last checkpoint. Returns its results
+    entry (:func:`finished` of the folder, :func:`commit` of ``watch`` when it started, the overrides)."""
+    output_dir = Path(output_dir).resolve()  # the run's working directory is ``root``, not ours
+    if fresh:
+        shutil.rmtree(output_dir, ignore_errors=True)
     command = [sys.executable, "-m", "genalign.cli", f"experiment={experiment}", f"train.seed={seed}",
                f"output_dir={output_dir}", *overrides]
     print("$", " ".join(command), flush=True)
     started_at, start = commit(root, watch), time.time()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(command, cwd=root, check=True, env=env)
-    wall = time.time() - start
-    metrics = json.loads((Path(output_dir) / "metrics.json").read_text())
-    missing = {"before", "after"} - set(metrics)
-    if missing:
-        raise RuntimeError(f"{output_dir}/metrics.json has no {sorted(missing)} evaluation; the run did not finish")
-    return {"before": metrics["before"], "after": metrics["after"], "wall_seconds": round(wall, 1),
-            "commit": started_at, "overrides": list(overrides)}
+    (output_dir / "wall_seconds.txt").write_text(f"{time.time() - start:.1f}\n")
+    entry = finished(output_dir)
+    if entry is None:
+        raise RuntimeError(f"{output_dir}/metrics.json lacks the before or after evaluation; the run did not finish")
+    return {**entry, "commit": started_at, "overrides": list(overrides)}
 
 
 def load(path: Path) -> dict[str, dict[str, dict]]:
@@ -74,6 +101,21 @@ def save(path: Path, results: Mapping[str, Mapping[str, dict]]) -> None:
     os.replace(tmp, path)
 
 
+def _grid(rows: Mapping[str, str], seeds: Iterable[int], runs: Path, deadline: float | None,
+          skip_finished: bool) -> Iterator[tuple[str, str, int, Path]]:
+    """(name, experiment, seed, run folder) to launch, seed-major so that an interrupted sweep still covers every
+    row; nothing after ``deadline`` (Unix time), no finished folder when ``skip_finished``."""
+    for seed in seeds:
+        for name, experiment in rows.items():
+            folder = run_dir(runs, name, seed)
+            if skip_finished and finished(folder):
+                continue
+            if deadline is not None and time.time() > deadline:
+                print(f"deadline passed: not launching {name} seed {seed}", flush=True)
+                continue
+            yield name, experiment, seed, folder
+
+
 def run_rows(
     rows: Mapping[str, str],
     seeds: Iterable[int],
@@ -85,25 +127,35 @@ def run_rows(
     deadline: float | None = None,
     root: Path = REPO_ROOT,
 ) -> dict[str, dict[str, dict]]:
-    """Run every ``name -> experiment`` of ``rows`` for every seed (seed-major, so an interrupted sweep still covers
-    every row) and merge each finished run into ``results_file`` right away, replacing that row and seed's old entry.
-    ``overrides[name]``: that row's extra hydra overrides; ``watch[name]``: the paths whose uncommitted changes mark
-    its commit ``+dirty`` (default: all of ``configs/`` and ``genalign/``). After ``deadline`` (Unix time) nothing
-    new is launched.
+    """Run every ``name -> experiment`` of ``rows`` for every seed from scratch and merge each finished run into
+    ``results_file`` right away, replacing that row and seed's old entry. ``overrides[name]``: that row's extra hydra
+    overrides; ``watch[name]``: the paths whose uncommitted changes mark its commit ``+dirty`` (default: all of
+    ``configs/`` and ``genalign/``). After ``deadline`` (Unix time) nothing new is launched.
     Returns the merged results."""
     overrides = overrides or {}
     results = load(results_file)
-    for seed in seeds:
-        for name, experiment in rows.items():
-            if deadline is not None and time.time() > deadline:
-                print(f"deadline passed: not launching {name} seed {seed}", flush=True)
-                continue
-            entry = launch(experiment, seed, Path(runs) / name / f"seed{seed}", overrides.get(name, ()), root,
-                           (watch or {}).get(name, WATCHED))
-            results = load(results_file)  # another invocation may have merged rows meanwhile
-            results.setdefault(name, {})[str(seed)] = entry
-            save(results_file, results)
+    for name, experiment, seed, folder in _grid(rows, seeds, runs, deadline, skip_finished=False):
+        entry = launch(experiment, seed, folder, overrides.get(name, ()), root, (watch or {}).get(name, WATCHED))
+        results = load(results_file)  # another invocation may have merged rows meanwhile
+        results.setdefault(name, {})[str(seed)] = entry
+        save(results_file, results)
     return results
+
+
+def run_missing(rows: Mapping[str, str], seeds: Iterable[int], runs: Path, overrides: Sequence[str] = (), *,
+                deadline: float | None = None, root: Path = REPO_ROOT) -> None:
+    """Launch every ``name -> experiment`` of ``rows`` for every seed whose run folder has not finished (an
+    interrupted run resumes), with the same extra hydra ``overrides``; after ``deadline`` nothing new is launched."""
+    for _, experiment, seed, folder in _grid(rows, seeds, runs, deadline, skip_finished=True):
+        launch(experiment, seed, folder, overrides, root, fresh=False)
+
+
+def collect(names: Iterable[str], seeds: Iterable[int], runs: Path) -> dict[str, dict[str, dict]]:
+    """The finished run folders of ``names`` × ``seeds`` as ``name -> str(seed) -> finished(folder)``, in the order
+    given; unfinished folders are left out, and so are names with none finished."""
+    seeds = list(seeds)
+    results = {name: {str(s): entry for s in seeds if (entry := finished(run_dir(runs, name, s)))} for name in names}
+    return {name: by_seed for name, by_seed in results.items() if by_seed}
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -113,18 +165,30 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(results: Mapping[str, Mapping[str, dict]], metrics: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """name -> {"seeds": [...], "before"/"after": {metric: (mean, std)}, "wall_seconds": (mean, std),
-    "commits": sorted distinct commits} over the seeds each row has."""
+    """name -> {"seeds": [...], "before"/"after": {metric: (mean, std)}, "wall_seconds": (mean, std) over the runs
+    that recorded one (None if none did), "commits": sorted distinct commits of the runs that have one} over the
+    seeds each row has."""
     table = {}
     for name, by_seed in results.items():
         entries = [by_seed[s] for s in sorted(by_seed, key=int)]
         row: dict[str, Any] = {"seeds": sorted(int(s) for s in by_seed)}
         for when in ("before", "after"):
             row[when] = {key: mean_std([e[when][key] for e in entries]) for key in metrics}
-        row["wall_seconds"] = mean_std([e["wall_seconds"] for e in entries])
-        row["commits"] = sorted({e["commit"] for e in entries})
+        walls = [e["wall_seconds"] for e in entries if e.get("wall_seconds") is not None]
+        row["wall_seconds"] = mean_std(walls) if walls else None
+        row["commits"] = sorted({e["commit"] for e in entries if "commit" in e})
         table[name] = row
     return table
+
+
+def wall_times(results: Mapping[str, Mapping[str, dict]], labels: Mapping[str, str]) -> str:
+    """Every row's recorded wall seconds in seed order, ``"<label> 643, 720; <label> 236"`` ("" if none recorded)."""
+    parts = []
+    for name, by_seed in results.items():
+        walls = [by_seed[s]["wall_seconds"] for s in sorted(by_seed, key=int)]
+        if any(w is not None for w in walls):
+            parts.append(f"{labels.get(name, name)} {', '.join(f'{w:.0f}' for w in walls if w is not None)}")
+    return "; ".join(parts)
 
 
 def bar_chart(table: Mapping[str, dict], labels: Mapping[str, str], metrics: Mapping[str, str], path: Path) -> None:
@@ -150,3 +214,43 @@ def bar_chart(table: Mapping[str, dict], labels: Mapping[str, str], metrics: Map
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def folder_arguments(description: str, methods: Sequence[str], runs: Path) -> argparse.ArgumentParser:
+    """The command line of a comparison kept in run folders: ``--seeds``, ``--methods`` (choices ``methods``, all
+    by default), ``--runs`` (default ``runs``), ``--docs``, ``--no-run``, ``--deadline``, ``--note`` and extra
+    hydra overrides for every run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", choices=list(methods), default=list(methods))
+    parser.add_argument("--runs", type=Path, default=runs)
+    parser.add_argument("--docs", type=Path, default=REPO_ROOT / "docs")
+    parser.add_argument("--no-run", action="store_true", help="only tabulate runs that already finished")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="Unix time after which no new run is launched (what finished is still tabulated)")
+    parser.add_argument("--note", default="", help="a paragraph of observations appended to the markdown")
+    parser.add_argument("overrides", nargs="*", help="extra hydra overrides for every run, e.g. train.max_steps=50")
+    return parser
+
+
+def sweep_folders(args: argparse.Namespace, prefix: str) -> dict[str, dict[str, dict]]:
+    """For :func:`folder_arguments`' ``args``: launch the unfinished ``experiment=<prefix><method>`` runs (unless
+    ``--no-run``), then :func:`collect` the finished ones; exits with a message when none has finished."""
+    if not args.no_run:
+        run_missing({m: f"{prefix}{m}" for m in args.methods}, args.seeds, args.runs, args.overrides,
+                    deadline=args.deadline)
+    results = collect(args.methods, args.seeds, args.runs)
+    if not results:
+        raise SystemExit(f"no finished runs under {args.runs}; run without --no-run first")
+    return results
+
+
+def publish(docs: Path, stem: str, text: str, note: str, table: Mapping[str, dict], labels: Mapping[str, str],
+            metrics: Mapping[str, str]) -> None:
+    """Write ``docs/<stem>.md`` (``text``, then the ``note`` paragraph if any; the whole file is replaced) and
+    ``docs/<stem>.png`` (:func:`bar_chart` of ``table``), and print the markdown."""
+    docs.mkdir(parents=True, exist_ok=True)
+    text += f"\n{note}\n" if note else ""
+    (docs / f"{stem}.md").write_text(text)
+    bar_chart(table, labels, metrics, docs / f"{stem}.png")
+    print(text, flush=True)
