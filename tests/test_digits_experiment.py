@@ -158,6 +158,27 @@ def test_evaluator_scores_the_ema_weights_and_restores_the_live_ones(tmp_path):
     assert all(torch.equal(p, value) for p, value in zip(params, live))
 
 
+def test_evaluator_sample_cache_is_keyed_by_the_weights(tmp_path):
+    """With cache_dir, the same weights and protocol load the stored samples (no sampling, same metrics); other
+    weights sample again under a new key."""
+    cfg = compose_experiment("digits_dro", tmp_path, "evaluator.protocol.per_digit=1", "evaluator.num_inference_steps=2",
+                             f"+evaluator.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    adapter, evaluator = instantiate(cfg.adapter), instantiate(cfg.evaluator)
+    calls = []
+    sample = adapter.sample
+    adapter.sample = lambda *a, **k: calls.append(1) or sample(*a, **k)
+    with torch.no_grad():
+        first = evaluator(adapter)
+        assert len(calls) == 1 and len(list((tmp_path / "cache").glob("*.pt"))) == 1
+        assert evaluator(adapter) == first and len(calls) == 1
+        for p in adapter.trainable_parameters():
+            p.add_(0.05)
+        adapter.ema_step()  # the evaluated (EMA) weights: decay 0 at the first step, so now the moved weights
+        moved = evaluator(adapter)
+    assert len(calls) == 2 and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert moved != first
+
+
 def test_the_three_digits_experiments_share_one_budget(tmp_path):
     """DRO, DPO and KTO are compared at the same optimizer steps x batch and the same evaluation protocol."""
     configs = {name: compose_experiment(name, tmp_path / name) for name in ("digits_dro", "digits_dpo", "digits_kto")}

@@ -1,4 +1,5 @@
-"""Cache of training rows sampled from a base model (the digits and motion rows builders share it).
+"""Cache of training rows sampled from a base model (the digits and motion rows builders share it), and the key
+and atomic write it is made of (the digits evaluator caches its samples with them).
 
 Rows built from the base model's own samples are expensive on a CPU; :func:`cached_rows` stores them with a key made
 of every setting and a digest of the base weights, so a rerun or resumed run loads them, and a changed setting or a
@@ -26,7 +27,7 @@ def cached_rows(cache_file: str | Path | None, settings: dict[str, Any], adapter
     """``build()``, or the rows stored in ``cache_file`` under the same settings and base weights."""
     if cache_file is None:
         return build()
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + weights_digest(adapter).encode()).hexdigest()
+    key = cache_key(settings, adapter)
     path = Path(cache_file)
     if path.exists():
         stored = torch.load(path, weights_only=True)
@@ -35,11 +36,21 @@ def cached_rows(cache_file: str | Path | None, settings: dict[str, Any], adapter
             return stored["rows"]
         log.warning("%s was built with other settings or another base model; sampling the rows again", path)
     rows = build()
+    save_atomic({"key": key, "settings": settings, "rows": rows}, path)
+    return rows
+
+
+def cache_key(settings: dict[str, Any], adapter: Adapter) -> str:
+    """sha256 of the JSON ``settings`` and of the policy's weights."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode() + weights_digest(adapter).encode()).hexdigest()
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file renamed over ``path``: a killed process never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"key": key, "settings": settings, "rows": rows}, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
-    return rows
 
 
 def weights_digest(adapter: Adapter) -> str:

@@ -1,16 +1,25 @@
 """The digits evaluation protocol as a trainer evaluator: sample the adapter's policy on the protocol's fixed
 prompts and seed, return ``{"reward", "prompt_accuracy", "fid"}`` and write the grid ``samples_<tag>.png``
 (``samples_before.png``, ``samples_after.png``, ``samples_step-N.png``; see :class:`genalign.train.Trainer`).
-With an EMA (the adapter's ``ema_decay``) the EMA weights are the ones evaluated, as in Diffusion-DPO/-DRO."""
+With an EMA (the adapter's ``ema_decay``) the EMA weights are the ones evaluated, as in Diffusion-DPO/-DRO.
+
+With ``cache_dir`` the sampled images are stored under a key made of the evaluated weights, the prompts, the seed
+and the sampler settings, so the "before" samples of the shipped base model are drawn once per machine, not once
+per run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from genalign.adapters.image import ImageDiffusionAdapter
+from genalign.data.row_cache import cache_key, save_atomic
 from genalign.eval.digits import DigitsEvaluator, save_sample_grid
+
+log = logging.getLogger(__name__)
 
 
 class DigitsTrainingEvaluator:
@@ -20,6 +29,7 @@ class DigitsTrainingEvaluator:
         protocol: the :class:`DigitsEvaluator` (prompts, seed, classifier, real digits for FID).
         num_inference_steps / guidance_scale / scheduler: how the policy samples (``ImageDiffusionAdapter.sample``).
         grid_columns: images per digit shown in the sample grids.
+        cache_dir: a folder for the sampled images (``None``: no cache).
     """
 
     def __init__(
@@ -30,11 +40,13 @@ class DigitsTrainingEvaluator:
         guidance_scale: float = 3.0,
         scheduler: str = "dpmsolver++",
         grid_columns: int = 10,
+        cache_dir: str | Path | None = None,
     ) -> None:
         self.protocol = protocol
         self.sample_kw = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
                           "scheduler": scheduler}
         self.grid_columns = grid_columns
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
 
     def __call__(
         self, adapter: ImageDiffusionAdapter, *, tag: str | None = None, output_dir: str | Path | None = None
@@ -43,8 +55,21 @@ class DigitsTrainingEvaluator:
             return adapter.sample(prompts, generator=generator, **self.sample_kw)["images"]
 
         with adapter.ema_weights():  # the EMA weights when the adapter keeps an EMA (as the papers evaluate)
-            images = self.protocol.generate(sample_fn)
+            images = self._cached(adapter, lambda: self.protocol.generate(sample_fn))
         if output_dir is not None and tag is not None:
             save_sample_grid(images, self.protocol.prompts, Path(output_dir) / f"samples_{tag}.png",
                              columns=self.grid_columns)
         return self.protocol.metrics(images)
+
+    def _cached(self, adapter: ImageDiffusionAdapter, generate: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``generate()``, or the images stored under the same weights, prompts, seed and sampler settings."""
+        if self.cache_dir is None:
+            return generate()
+        settings = {"prompts": list(self.protocol.prompts), "seed": self.protocol.seed, **self.sample_kw}
+        path = self.cache_dir / f"{cache_key(settings, adapter)}.pt"
+        if path.exists():
+            log.info("evaluation samples loaded from %s", path)
+            return torch.load(path, weights_only=True)
+        images = generate()
+        save_atomic(images, path)
+        return images
