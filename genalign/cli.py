@@ -43,6 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     main_process = PartialState().is_main_process  # under `accelerate launch` only process 0 writes and prints
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out, cfg)
     if main_process:
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
@@ -55,6 +56,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if main_process:
         print(format_before_after(metrics))
     return metrics
+
+
+#: what may differ when a run resumes: a longer run continues from its last checkpoint
+RESUMABLE_CHANGES = ("train.max_steps",)
+
+
+def check_resumable(out: Path, cfg: DictConfig) -> None:
+    """A run folder with checkpoints resumes (``train.resume``, the default) only under the resolved config it was
+    started with, up to :data:`RESUMABLE_CHANGES`; anything else would continue one run's weights, optimizer and
+    sampler state under another's settings."""
+    saved = out / "config.yaml"
+    if not (cfg.train.get("resume", True) and saved.exists() and any((out / "checkpoints").glob("step-*"))):
+        return
+    old, new = (_flat(c) for c in (OmegaConf.load(saved), OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))))
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        diff = "; ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in changed[:8])
+        more = "; ..." if len(changed) > 8 else ""
+        raise ValueError(f"{out} holds checkpoints of a run with another config ({diff}{more}); pass "
+                         f"train.resume=false to start over there, or choose another output_dir")
+
+
+def _flat(cfg: DictConfig) -> dict[str, Any]:
+    """Dotted key -> leaf value of a resolved config."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg), "")
+    return out
 
 
 def build_rows(data_cfg: DictConfig, adapter: Any) -> list[dict[str, Any]]:

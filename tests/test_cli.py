@@ -9,7 +9,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from genalign.cli import CONFIG_DIR, run
+from omegaconf import OmegaConf
+
+from genalign.cli import CONFIG_DIR, check_resumable, run
 
 
 def compose_experiment(name, tmp_path, *overrides):
@@ -67,3 +69,20 @@ def test_every_objective_config_builds_its_step(path):
         return
     step = build_step(**params)
     assert callable(step)
+
+
+def test_a_run_folder_resumes_only_under_its_own_config(tmp_path):
+    """A folder with checkpoints refuses another config (naming the changed key and the way out); a longer
+    max_steps, train.resume=false, or a folder without checkpoints pass."""
+    started = compose_experiment("text_dpo", tmp_path)
+    out = tmp_path / "text_dpo"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(started, resolve=True))
+    check_resumable(out, started)
+    check_resumable(out, compose_experiment("text_dpo", tmp_path, "train.max_steps=1000"))
+    changed = compose_experiment("text_dpo", tmp_path, "train.learning_rate=0.001")
+    with pytest.raises(ValueError, match=r"train\.learning_rate: 0\.0003 -> 0\.001.*train\.resume=false"):
+        check_resumable(out, changed)
+    check_resumable(out, compose_experiment("text_dpo", tmp_path, "train.learning_rate=0.001", "train.resume=false"))
+    (out / "checkpoints" / "step-00000001").rmdir()
+    check_resumable(out, changed)
