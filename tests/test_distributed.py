@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) train exactly like one process with the same global batch: per-step losses, final
 weights and the files of the final save (gathered with ``Accelerator.get_state_dict``) agree to 1e-5 for DPO and KTO
-on the tabular adapter, Diffusion-KTO and Diffusion-DRO on the tiny pixel UNet; KTO's reference point is the
+on the tabular adapter, Diffusion-KTO and Diffusion-DRO on the tiny pixel UNet (Diffusion-KTO's loss to what its β lets
+float32 rounding reach, :func:`tolerances`); KTO's reference point is the
 global-batch mean (a per-process mean is shown to differ), Diffusion-DRO's buffer is the one-process buffer on both
 processes, and a run interrupted and resumed under two processes matches too.
 
@@ -11,10 +12,12 @@ happen in the test process.
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import socket
 import time
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -30,6 +33,42 @@ from genalign.train import Trainer, TrainConfig
 
 TOL = 1e-5
 GLOBAL_BATCH = 4
+F32_EPS = torch.finfo(torch.float32).eps  # 1.19e-7: one ulp of 1.0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a scenario's two runs may be apart: the logged loss (absolute), grad_norm (relative), and the fraction
+    of weight elements allowed beyond TOL (each by at most ``flip_size``)."""
+
+    loss: float = TOL
+    grad_norm: float = 1e-4  # grad_norm (~100 for the UNet) sums squares over all weights: it shows their 1e-6 rounding
+    weight_fraction: float = 0.0
+    flip_size: float = TOL
+
+
+def tolerances(name: str) -> Tolerance:
+    """Each process runs the UNet on its 2 rows, the one-process run on 4: the kernels (oneDNN / BLAS, chosen per CPU
+    and batch shape) round differently, so a denoising error (O(1), a mean of squares) may differ by a few ulp between
+    the runs — the forward itself, not a reduction order that could be fixed. Only a loss that scales scores by a
+    large β makes that visible. Diffusion-KTO puts u = β(g − z), g = L_ref − L_θ, into a sigmoid: with |Δg|, |Δz| ≤
+    4 ulp(1) each, |Δloss| ≤ |Δu|/4 ≤ 2·β·eps (1.2e-4 at β = 500; 1.6e-5 measured on an AMD EPYC, < 1e-5 on Intel),
+    and each row's gradient weight σ'(u) moves relatively by |1 − 2σ(u)|·|Δu| ≤ 8·β·eps (4.8e-4), which bounds the
+    grad norm's relative change. Adam divides each gradient element by its own magnitude, so an element whose
+    gradient is as small as that noise may step the other way: such elements (measured: 1 of 1,152 in one conv
+    weight) may differ by Adam's largest move, (1 − β1)/√(1 − β2)·lr per step in each run; at most 1 % of them."""
+    if name != "diffusion_kto":
+        return Tolerance()
+    beta, lr = 500.0, SCENARIOS[name][3]
+    return Tolerance(loss=2 * beta * F32_EPS, grad_norm=8 * beta * F32_EPS, weight_fraction=0.01,
+                     flip_size=2 * STEPS * lr * (1 - 0.9) / math.sqrt(1 - 0.999))
+
+
+def assert_weights_close(got: torch.Tensor, expected: torch.Tensor, tol: Tolerance, name: str) -> None:
+    diff = (got - expected).abs()
+    beyond = (diff > TOL).float().mean().item()
+    assert beyond <= tol.weight_fraction, (name, beyond, diff.max().item())
+    assert diff.max().item() <= tol.flip_size, (name, diff.max().item())
 
 
 class LocalMeanKTO(KTOStep):
@@ -144,29 +183,28 @@ def runs(tmp_path_factory):
     return one, two, rank1_buffers
 
 
-def assert_same_run(one: dict, two: dict) -> None:
+def assert_same_run(one: dict, two: dict, tol: Tolerance = Tolerance()) -> None:
     assert [h["step"] for h in two["history"]] == list(range(1, STEPS + 1))
     for a, b in zip(one["history"], two["history"]):  # the loss and every logged metric (global-batch means)
         assert set(a) == set(b)
         for key in a:
-            # grad_norm (~100 for the UNet) is a sum of squares over all weights: it shows their 1e-6 rounding
-            rel = 1e-4 if key == "grad_norm" else TOL
-            assert b[key] == pytest.approx(a[key], abs=TOL, rel=rel, nan_ok=True), (key, a, b)
-        assert b["loss"] == pytest.approx(a["loss"], abs=TOL, rel=0)
+            rel = tol.grad_norm if key == "grad_norm" else TOL
+            assert b[key] == pytest.approx(a[key], abs=tol.loss if key == "loss" else TOL, rel=rel, nan_ok=True), (key, a, b)
+        assert b["loss"] == pytest.approx(a["loss"], abs=tol.loss, rel=0)
     for name, w in one["weights"].items():
-        torch.testing.assert_close(two["weights"][name], w, atol=TOL, rtol=0, msg=name)
+        assert_weights_close(two["weights"][name], w, tol, name)
     # the final save (gathered through Accelerator.get_state_dict, written by the main process) holds those weights
     assert one["saved"] and set(two["saved"]) == set(one["saved"])
     for name, w in one["saved"].items():
-        torch.testing.assert_close(two["saved"][name], w, atol=TOL, rtol=0, msg=name)
+        assert_weights_close(two["saved"][name], w, tol, name)
 
 
 @pytest.mark.parametrize("name", ["dpo", "kto", "diffusion_kto", "diffusion_dro", "diffusion_dro_ddpm"])
 def test_two_processes_equal_one_process(runs, name):
     one, two, _ = runs
-    assert_same_run(one[name], two[name])
+    assert_same_run(one[name], two[name], tolerances(name))
     losses = [h["loss"] for h in one[name]["history"]]
-    assert max(losses) - min(losses) > 100 * TOL  # training moved the loss: the equality is not trivial
+    assert max(losses) - min(losses) > 100 * tolerances(name).loss  # training moved the loss: the equality is not trivial
 
 
 def test_kto_reference_point_is_the_global_batch_mean(runs):
