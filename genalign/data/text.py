@@ -15,6 +15,7 @@ which the text adapter quotes in its errors. Bad rows raise ``ValueError`` namin
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -22,17 +23,20 @@ from typing import Any, Iterator, Sequence
 
 from genalign.data.batching import pairs_to_unpaired  # KTO on paired rows: chosen desirable, rejected not
 
-__all__ = ["read_pairwise", "read_unpaired", "pairs_from_lists", "pairs_to_unpaired", "pairwise_row", "unpaired_row"]
+__all__ = [
+    "read_pairwise", "read_unpaired", "pairs_from_lists", "pairs_to_unpaired", "pairwise_row", "unpaired_row",
+    "jsonl_records",
+]
 
 
 def read_pairwise(path: str | Path) -> list[dict[str, Any]]:
     """Pairwise preference rows of a JSONL file (see the module docstring for the accepted layouts)."""
-    return [dict(pairwise_row(obj, where), row=i, source=where) for i, (where, obj) in enumerate(_jsonl(path))]
+    return [dict(pairwise_row(obj, where), row=i, source=where) for i, (where, obj) in enumerate(jsonl_records(path))]
 
 
 def read_unpaired(path: str | Path) -> list[dict[str, Any]]:
     """Unpaired rows ``{prompt, completion, label | reward}`` of a JSONL file."""
-    return [dict(unpaired_row(obj, where), row=i, source=where) for i, (where, obj) in enumerate(_jsonl(path))]
+    return [dict(unpaired_row(obj, where), row=i, source=where) for i, (where, obj) in enumerate(jsonl_records(path))]
 
 
 def pairs_from_lists(
@@ -99,11 +103,13 @@ def unpaired_row(obj: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", parsed object)`` for every non-blank line of a JSONL file (gzip-compressed if ``*.gz``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no JSONL file at {str(path)!r}")
-    with path.open(encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
