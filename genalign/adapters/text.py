@@ -61,6 +61,9 @@ class TextAdapter(Adapter):
     ``"all-linear"``). ``chat_template`` replaces the tokenizer's template (it is set on the tokenizer, so a saved
     tokenizer keeps it). ``truncation_mode``: see the module docstring. A tokenizer without a pad token pads
     with EOS (padded positions are masked out of attention and scores, so the choice does not change a score).
+    The policy is put in train mode (``from_pretrained`` returns eval mode, and transformers only checkpoints
+    activations in train mode); ``disable_dropout`` (TRL's default) zeroes its dropout so the policy's scores are
+    deterministic and equal the reference's at step 0.
     """
 
     deterministic = True
@@ -77,6 +80,7 @@ class TextAdapter(Adapter):
         chat_template: str | None = None,
         truncation_mode: str = "keep_start",
         reference_model: torch.nn.Module | None = None,
+        disable_dropout: bool = True,
     ) -> None:
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
@@ -105,11 +109,15 @@ class TextAdapter(Adapter):
         self.truncated_rows: set[str] = set()
         network = model.get_base_model() if has_adapters else model
         self._keeps_logits = "logits_to_keep" in inspect.signature(network.forward).parameters
+        if disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-        self.policy = model
+        self.policy = model.train()
         self.reference_model = None
         if reference == "copy":
             frozen = copy.deepcopy(model) if reference_model is None else reference_model
@@ -262,9 +270,9 @@ class TextAdapter(Adapter):
         count = len(self.truncated_rows)
         if math.log10(count).is_integer():  # 1, 10, 100, ... distinct rows
             cut = "the end of the response" if self.truncation_mode == "keep_start" else "the prompt from the left"
-            log.warning("%s: longer than max_length=%d / max_prompt_length=%d, %s was cut (truncation_mode=%s); "
-                        "%d distinct rows truncated so far", where, self.max_length, self.max_prompt_length, cut,
-                        self.truncation_mode, count)
+            log.warning("%s: over max_length=%d tokens (or its prompt over max_prompt_length=%d): %s was cut "
+                        "(truncation_mode=%s); %d distinct rows truncated so far", where, self.max_length,
+                        self.max_prompt_length, cut, self.truncation_mode, count)
 
     def encode(self, record: dict[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
         """Token ids and the loss mask (1 on scored tokens) of one record."""
