@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from tiny_causal_lm import save_gpt2, save_llama
+from tiny_causal_lm import plain_logp, save_gpt2, save_llama, trl_tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genalign import objectives
@@ -43,25 +43,6 @@ PAIRS = [
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lms")
     return {"llama": save_llama(root / "llama"), "gpt2": save_gpt2(root / "gpt2")}
-
-
-def plain_logp(model, ids, mask):
-    """Independent score: one unpadded forward, float64 log_softmax, gather at every scored position t >= 1."""
-    with torch.no_grad():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
-    return sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
-
-
-def trl_tokens(tokenizer, prompt, response, mode, max_length, max_prompt_length):
-    """Prompt ids (with the tokenizer's special tokens) + response ids + EOS, truncated as TRL's truncation_mode:
-    keep_start -> seq[:max_length]; keep_end -> prompt[-max_prompt_length:], then seq[-max_length:]."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    completion = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if mode == "keep_end":
-        prompt_ids = prompt_ids[-max_prompt_length:]
-    ids, mask = prompt_ids + completion, [0] * len(prompt_ids) + [1] * len(completion)
-    window = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
-    return ids[window], mask[window]
 
 
 # float32 forwards of a padded batch vs one unpadded row differ by ~1e-6 per logit (other matmul shapes and

@@ -98,3 +98,22 @@ def save_reward_model(directory: Path, architecture: str, seed: int = 0) -> Path
     _seeded(build, seed).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def plain_logp(model, ids, mask):
+    """Independent score: one unpadded forward, float64 log_softmax, gather at every scored position t >= 1."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+    return sum(logp[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t])
+
+
+def trl_tokens(tokenizer, prompt, response, mode, max_length, max_prompt_length):
+    """Prompt ids (with the tokenizer's special tokens) + response ids + EOS, truncated as TRL's truncation_mode:
+    keep_start -> seq[:max_length]; keep_end -> prompt[-max_prompt_length:], then seq[-max_length:]."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if mode == "keep_end":
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    ids, mask = prompt_ids + completion, [0] * len(prompt_ids) + [1] * len(completion)
+    window = slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+    return ids[window], mask[window]
