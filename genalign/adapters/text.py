@@ -13,8 +13,18 @@ messages are ``[{"role": ..., "content": ...}, ...]``.
   message is everything its rendering adds after the generation prompt (content and end-of-turn marker).
   Without a chat template a plain one is used: every message is ``"{role}: {content}"`` followed by EOS.
 
-Truncation: a prompt (everything before the first scored token) longer than ``max_prompt_length`` raises;
-a longer sequence than ``max_length`` loses the end of its response (counted in ``truncated``).
+Truncation follows TRL's ``truncation_mode`` (``DPOConfig``/``DataCollatorForPreference``, TRL 1.x), applied to the
+whole token sequence (prompt + completion) of every sample:
+
+* ``keep_start`` (TRL's default): ``ids[:max_length]``, so the end of the response is cut. A prompt (everything
+  before the first scored token) longer than ``max_prompt_length`` raises, so at least one scored token is left.
+* ``keep_end``: ``ids[-max_length:]``, so the prompt is cut from the left (old context goes first). The prompt is
+  first cut from the left to ``max_prompt_length`` (TRL < 1.0's ``prompt_ids[-max_prompt_length:]``); a response
+  longer than ``max_length - 1`` also loses its start. The first kept token has no context, so it is not scored
+  (TRL's shifted labels skip it too). Generation prompts are cut from the left to ``max_prompt_length``.
+
+Every cut is counted (``truncated``: sequences cut so far, a row counting each time it is collated;
+``truncated_rows``: which rows) and logged as a warning the first time and at 10, 100, ... distinct rows.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import logging
+import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -33,16 +46,24 @@ from genalign.data.batching import pairwise_batch
 from genalign.types import Scores
 
 REFERENCES = ("lora", "copy", "none")
+TRUNCATION_MODES = ("keep_start", "keep_end")
+log = logging.getLogger(__name__)
 Piece = tuple[list[int], bool]  # token ids and whether they are scored
 
 
 class TextAdapter(Adapter):
     """Adapter for causal LMs.
 
-    ``reference``: "lora" (the policy with its LoRA adapters disabled: no second copy; needs ``lora``), "copy" (a
-    frozen deep copy, for full fine-tuning) or "none" (reference-free objectives such as SimPO). ``lora``: keyword
-    arguments of ``peft.LoraConfig`` (r, lora_alpha, lora_dropout, target_modules). ``chat_template`` replaces
-    the tokenizer's template (it is set on the tokenizer, so a saved tokenizer keeps it).
+    ``reference``: "lora" (the policy with its LoRA adapters disabled: no second copy; needs ``lora``, or a model
+    that already is a ``peft.PeftModel``), "copy" (a frozen deep copy, for full fine-tuning; ``reference_model``
+    gives another network instead, e.g. the base of a trained model) or "none" (reference-free objectives such as
+    SimPO). ``lora``: keyword arguments of ``peft.LoraConfig`` (r, lora_alpha, lora_dropout, target_modules, e.g.
+    ``"all-linear"``). ``chat_template`` replaces the tokenizer's template (it is set on the tokenizer, so a saved
+    tokenizer keeps it). ``truncation_mode``: see the module docstring. A tokenizer without a pad token pads
+    with EOS (padded positions are masked out of attention and scores, so the choice does not change a score).
+    The policy is put in train mode (``from_pretrained`` returns eval mode, and transformers only checkpoints
+    activations in train mode); ``disable_dropout`` (TRL's default) zeroes its dropout so the policy's scores are
+    deterministic and equal the reference's at step 0.
     """
 
     deterministic = True
@@ -57,12 +78,22 @@ class TextAdapter(Adapter):
         max_length: int = 512,
         max_prompt_length: int = 256,
         chat_template: str | None = None,
+        truncation_mode: str = "keep_start",
+        reference_model: torch.nn.Module | None = None,
+        disable_dropout: bool = True,
     ) -> None:
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
-        if reference == "lora" and lora is None:
+        has_adapters = _is_peft(model)
+        if reference == "lora" and lora is None and not has_adapters:
             raise ValueError("reference='lora' needs a LoRA config (lora={'r': ..., ...}); "
                              "use reference='copy' for full fine-tuning")
+        if lora is not None and has_adapters:
+            raise ValueError("the model already has peft adapters; pass lora=None to train them as they are")
+        if reference_model is not None and reference != "copy":
+            raise ValueError(f"reference_model is the frozen reference of reference='copy', got reference={reference!r}")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES} (TRL's meaning), got {truncation_mode!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before building the adapter")
         if max_prompt_length >= max_length:
@@ -73,28 +104,65 @@ class TextAdapter(Adapter):
         self.reference_mode = reference
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.truncated = 0  # responses cut to fit max_length so far
-        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.truncation_mode = truncation_mode
+        self.truncated = 0  # sequences cut so far (a row counts each time it is collated)
+        self.truncated_rows: set[str] = set()
+        network = model.get_base_model() if has_adapters else model
+        self._keeps_logits = "logits_to_keep" in inspect.signature(network.forward).parameters
+        if disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
         if lora is not None:
             from peft import LoraConfig, get_peft_model
 
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
-        self.policy = model
+        self.policy = model.train()
         self.reference_model = None
         if reference == "copy":
-            self.reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+            frozen = copy.deepcopy(model) if reference_model is None else reference_model
+            self.reference_model = frozen.eval().requires_grad_(False)
         pad = tokenizer.pad_token_id
         self.pad_id = tokenizer.eos_token_id if pad is None else pad
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | str | None = None, **kwargs: Any) -> "TextAdapter":
-        """Load model and tokenizer from a local folder (nothing is downloaded); ``kwargs`` go to the constructor."""
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"no local model folder at {str(path)!r}: give the path of a folder saved with "
-                                    "save_pretrained (config.json, weights and tokenizer files)")
+        """Load model and tokenizer from a local folder (nothing is downloaded); ``kwargs`` go to the constructor.
+        ``dtype``: a torch dtype or its name ("float32", "bfloat16"), "auto" (the checkpoint's), None (float32)."""
+        model = load_causal_lm(path, dtype)
+        return cls(model, AutoTokenizer.from_pretrained(path, local_files_only=True), **kwargs)
+
+    @classmethod
+    def from_trained(
+        cls, path: str | Path, *, base: str | Path | None = None, dtype: torch.dtype | str | None = None, **kwargs: Any
+    ) -> "TextAdapter":
+        """A trained model (a run's ``final/`` folder, as :meth:`save` writes it) with its base model as the reference.
+
+        A LoRA folder (``adapter_config.json``) is applied to ``base`` (default: the base path recorded in that
+        file) and the reference is the same network with the adapters disabled; a full model needs ``base``, loaded
+        as a frozen reference copy. The tokenizer is the trained folder's (it keeps the chat template used).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"no trained model folder at {str(path)!r}: give a run's final/ folder")
+        if not ((path / "adapter_config.json").is_file() or (path / "config.json").is_file()):
+            hint = f"; did you mean {path / 'final'}?" if (path / "final").is_dir() else ""
+            raise FileNotFoundError(f"{path} holds neither a LoRA adapter (adapter_config.json) nor a model "
+                                    f"(config.json){hint}")
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
-        return cls(model, tokenizer, **kwargs)
+        if (path / "adapter_config.json").is_file():
+            from peft import PeftConfig, PeftModel
+
+            base = base or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            if not base or not Path(base).is_dir():
+                raise FileNotFoundError(f"{path} is a LoRA adapter whose base model folder {str(base)!r} is not here; "
+                                        "pass the base model folder (--base)")
+            model = PeftModel.from_pretrained(load_causal_lm(base, dtype), str(path))
+            return cls(model, tokenizer, reference="lora", lora=None, **kwargs)
+        if base is None:
+            raise ValueError(f"{path} is a fully fine-tuned model: pass its base model folder (--base) as the reference")
+        reference_model = load_causal_lm(base, dtype)
+        return cls(load_causal_lm(path, dtype), tokenizer, reference="copy", reference_model=reference_model, **kwargs)
 
     # ------------------------------------------------------------------------------------------ tokenization
     def _tokens(self, text: str, *, special: bool = False) -> list[int]:
@@ -176,13 +244,35 @@ class TextAdapter(Adapter):
         if not ids or mask[0]:
             ids, mask = self._start() + ids, [0] * len(self._start()) + mask
         prompt_length = mask.index(1) if 1 in mask else len(mask)
+        cut = False
         if prompt_length > self.max_prompt_length:
-            raise ValueError(f"{where}: field 'prompt' is {prompt_length} tokens, longer than max_prompt_length="
-                             f"{self.max_prompt_length}; raise max_prompt_length or shorten the prompt")
-        if len(ids) > self.max_length:  # keeps >= 1 scored token, as max_prompt_length < max_length
-            ids, mask = ids[: self.max_length], mask[: self.max_length]
-            self.truncated += 1
+            if self.truncation_mode == "keep_start":
+                raise ValueError(f"{where}: field 'prompt' is {prompt_length} tokens, longer than max_prompt_length="
+                                 f"{self.max_prompt_length}; raise max_prompt_length, shorten the prompt or use "
+                                 "truncation_mode=keep_end (cuts the prompt from the left)")
+            drop = prompt_length - self.max_prompt_length
+            ids, mask, cut = ids[drop:], mask[drop:], True
+        if len(ids) > self.max_length:
+            if self.truncation_mode == "keep_start":  # keeps >= 1 scored token, as max_prompt_length < max_length
+                ids, mask = ids[: self.max_length], mask[: self.max_length]
+            else:  # the first kept token has no context: it cannot be scored
+                ids, mask = ids[-self.max_length :], [0] + mask[-self.max_length + 1 :]
+            cut = True
+        if cut:
+            self._count_truncation(where)
         return ids, mask
+
+    def _count_truncation(self, where: str) -> None:
+        self.truncated += 1
+        if where in self.truncated_rows:
+            return
+        self.truncated_rows.add(where)
+        count = len(self.truncated_rows)
+        if math.log10(count).is_integer():  # 1, 10, 100, ... distinct rows
+            cut = "the end of the response" if self.truncation_mode == "keep_start" else "the prompt from the left"
+            log.warning("%s: over max_length=%d tokens (or its prompt over max_prompt_length=%d): %s was cut "
+                        "(truncation_mode=%s); %d distinct rows truncated so far", where, self.max_length,
+                        self.max_prompt_length, cut, self.truncation_mode, count)
 
     def encode(self, record: dict[str, Any], index: int = 0) -> tuple[list[int], list[int]]:
         """Token ids and the loss mask (1 on scored tokens) of one record."""
@@ -345,14 +435,50 @@ class TextAdapter(Adapter):
             pieces = self._conversation(_messages(condition, "user", where, "prompt"), [], where, open_reply=True)
         ids = [t for part, _ in pieces for t in part] or self._start()
         if len(ids) > self.max_prompt_length:
-            raise ValueError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length="
-                             f"{self.max_prompt_length}; raise max_prompt_length or shorten the prompt")
+            if self.truncation_mode == "keep_start":
+                raise ValueError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length="
+                                 f"{self.max_prompt_length}; raise max_prompt_length, shorten the prompt or use "
+                                 "truncation_mode=keep_end (cuts the prompt from the left)")
+            ids = ids[-self.max_prompt_length :]
+            self._count_truncation(where)
         return ids
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Activation checkpointing of the transformer blocks (non-reentrant, as PyTorch recommends).
+
+        With LoRA the embeddings are frozen, so the block inputs carry no gradient; ``enable_input_require_grads``
+        makes them require one, which reentrant checkpointing needs to reach the adapters (peft's recipe).
+        """
+        model = self.unwrapped_policy
+        network = model.get_base_model() if _is_peft(model) else model
+        enable = getattr(network, "activation_checkpointing_enable", None) or network.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # transformers 5 renamed the switch; the first argument is the same
+        if network is not model:
+            network.enable_input_require_grads()
 
     def _stop_ids(self) -> list[int]:
         configured = getattr(getattr(self.unwrapped_policy, "generation_config", None), "eos_token_id", None)
         configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
         return sorted({self.tokenizer.eos_token_id, *configured})
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
+    """``AutoModelForCausalLM`` from a local folder; ``dtype`` may be a name ("float32", "bfloat16") or "auto"."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no local model folder at {str(path)!r}: give the path of a folder saved with "
+                                "save_pretrained (config.json, weights and tokenizer files)")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype; use float32, bfloat16, float16 or auto")
+        dtype = getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel``; no model can be one before peft is imported, so this does not
+    import it."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _sequence_logps(

@@ -1,4 +1,9 @@
-"""Evaluation for language models: implicit-reward accuracy on preference pairs and the arithmetic task.
+"""Evaluation for language models: reward-model win rate, implicit-reward accuracy on preference pairs and the
+arithmetic task.
+
+Win rate of a model against a base on the same prompts: ``mean_i [r(x_i, y_i) > r(x_i, b_i)] + 1/2 [r(x_i, y_i) =
+r(x_i, b_i)]`` for a reward model ``r`` (ties count one half, so a model against itself scores exactly 0.5), with
+a 95 % normal half-width ``1.96 * std / sqrt(n)`` of the per-prompt outcomes.
 
 The DPO implicit reward of a completion is ``r(x, y) = beta * (log pi(y|x) - log ref(y|x))`` (Rafailov et al.
 2023); a pair is ranked right when ``r(chosen) > r(rejected)``, i.e. ``Delta = (pi_w - ref_w) - (pi_l - ref_l) > 0``.
@@ -8,6 +13,7 @@ Ties (Delta == 0, e.g. at step 0 when the policy is the reference) count one hal
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -15,6 +21,26 @@ import torch
 from genalign.adapters.text import TextAdapter, eval_mode
 from genalign.data import arithmetic
 from genalign.data.batching import pairwise_batch
+
+
+def win_rate(model_rewards: Sequence[float] | torch.Tensor, base_rewards: Sequence[float] | torch.Tensor) -> dict[str, float]:
+    """``win_rate`` (ties 1/2), ``win_rate_ci95``, ``wins`` / ``ties`` / ``losses`` counts and the mean rewards of
+    per-prompt rewards of the model and the base (same prompts, same order)."""
+    model, base = (torch.as_tensor(r, dtype=torch.float64).reshape(-1) for r in (model_rewards, base_rewards))
+    if model.numel() != base.numel():
+        raise ValueError(f"win_rate needs one base reward per model reward, got {model.numel()} and {base.numel()}")
+    if model.numel() == 0:
+        raise ValueError("win_rate got no rewards")
+    for name, rewards in (("model", model), ("base", base)):
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"win_rate: the {name} rewards of prompts {bad[:10]} are not finite")
+    outcome = (model > base).double() + 0.5 * (model == base).double()
+    n = outcome.numel()
+    half_width = 1.96 * outcome.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return {"win_rate": outcome.mean().item(), "win_rate_ci95": half_width, "wins": int((model > base).sum()),
+            "ties": int((model == base).sum()), "losses": int((model < base).sum()), "n_prompts": n,
+            "mean_reward": model.mean().item(), "mean_reward_base": base.mean().item()}
 
 
 @torch.no_grad()
