@@ -75,7 +75,7 @@ class PairwiseStep(Step):
 
     kind = "pairwise"
     names = ("dpo", "robust_dpo", "ipo", "slic", "gpo", "simpo", "soft_preference", "exo_pair", "nca_pair",
-             "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
+             "sppo_hard", "apo_zero", "apo_down", "discopop")
     RPO_MEANS = ("sequence", "tokens")
 
     def __init__(self, name: str, length_normalize: bool = False, *, reference_free: bool = False,
@@ -89,8 +89,6 @@ class PairwiseStep(Step):
             raise ValueError(f"{name!r} uses no reference scores already; drop reference_free")
         if rpo_mean not in self.RPO_MEANS:
             raise ValueError(f"rpo_mean must be one of {self.RPO_MEANS}, got {rpo_mean!r}")
-        if use_weighting and name in ("aot", "aot_unpaired"):
-            raise ValueError(f"use_weighting does not apply to {name!r}: its loss entries are sorted ranks, not pairs")
         self.length_normalize, self.reference_free, self.use_weighting = length_normalize, reference_free, use_weighting
         self.rpo_alpha = None if rpo_alpha is None else in_range("rpo_alpha", rpo_alpha, 0.0)
         self.rpo_mean = rpo_mean
@@ -102,10 +100,14 @@ class PairwiseStep(Step):
         kwargs = {**self.params, **self.batch_params(batch, chosen, rejected, ctx)}
         if self.length_normalize or self.name == "simpo":
             kwargs.update(chosen_lengths=chosen.lengths, rejected_lengths=rejected.lengths)
+        references = self.references(chosen, rejected)
         if self.name == "simpo":
             loss = self.fn(chosen.policy, rejected.policy, **kwargs)
+        elif references is None:
+            raise ValueError(f"{self.name!r} needs reference scores but the adapter gives none (reference='none'); "
+                             "give the adapter a reference or set objective.reference_free=true")
         else:
-            loss = self.fn(chosen.policy, rejected.policy, *self.references(chosen, rejected), **kwargs)
+            loss = self.fn(chosen.policy, rejected.policy, *references, **kwargs)
         metrics = {}
         if self.rpo_alpha is not None:
             nll = self.chosen_nll(chosen, ctx)
@@ -115,9 +117,8 @@ class PairwiseStep(Step):
             weights = self.wpo_weights(adapter, batch)
             loss = loss * weights
             metrics["wpo/weight"] = weights.mean()
-        if self.reference_free or chosen.reference is not None:
-            metrics.update(objectives.pairwise_metrics(chosen.policy, rejected.policy,
-                                                       *self.references(chosen, rejected), beta=self.beta))
+        if references is not None:
+            metrics.update(objectives.pairwise_metrics(chosen.policy, rejected.policy, *references, beta=self.beta))
         return loss, metrics
 
     def batch_params(self, batch: PairwiseBatch, chosen: Scores, rejected: Scores, ctx: StepContext) -> dict[str, Any]:
@@ -128,13 +129,13 @@ class PairwiseStep(Step):
             raise ValueError("soft_preference needs a 'strength' field (preference probability in [0, 1]) on every pair")
         return {"strength": batch.strength}
 
-    def references(self, chosen: Scores, rejected: Scores) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference scores the objective sees: the adapter's, or zeros with ``reference_free``."""
+    def references(self, chosen: Scores, rejected: Scores) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference scores the objective sees: the adapter's (None if it has none), or zeros with
+        ``reference_free``."""
         if self.reference_free:
             return torch.zeros_like(chosen.policy).detach(), torch.zeros_like(rejected.policy).detach()
         if chosen.reference is None:
-            raise ValueError(f"{self.name!r} needs reference scores but the adapter gives none (reference='none'); "
-                             "give the adapter a reference or set objective.reference_free=true")
+            return None
         return chosen.reference, rejected.reference
 
     def chosen_nll(self, chosen: Scores, ctx: StepContext) -> torch.Tensor:
@@ -151,6 +152,19 @@ class PairwiseStep(Step):
                              "has no wpo_logps (the text adapter has)")
         aligned = adapter.wpo_logps(adapter.concat([batch.chosen, batch.rejected]))
         return objectives.wpo_weights(*aligned.split([batch.size, batch.size]))
+
+
+class SortedPairwiseStep(PairwiseStep):
+    """AOT's objectives (``aot``, ``aot_unpaired``): their loss entries are ranks of the sorted batch, not pairs, so
+    per-pair weights (WPO, an online step's kept-pair weights) do not apply. Each process sorts its own share of the
+    global batch, as TRL does per device: under several processes the loss is not the one-process loss."""
+
+    names = ("aot", "aot_unpaired")
+
+    def __init__(self, name: str, length_normalize: bool = False, *, use_weighting: bool = False, **params: Any):
+        if use_weighting:
+            raise ValueError(f"use_weighting does not apply to {name!r}: its loss entries are sorted ranks, not pairs")
+        super().__init__(name, length_normalize, **params)
 
 
 class RunningMean:
@@ -197,8 +211,10 @@ class BCOPairStep(PairwiseStep):
     def batch_params(self, batch: PairwiseBatch, chosen: Scores, rejected: Scores, ctx: StepContext) -> dict[str, Any]:
         if self.reward_shift == "none":
             return {}
-        ref_chosen, ref_rejected = self.references(chosen, rejected)
-        rewards = self.beta * torch.cat([chosen.policy - ref_chosen, rejected.policy - ref_rejected]).detach().float()
+        references = self.references(chosen, rejected)
+        if references is None:  # the objective call raises the clear error
+            return {}
+        rewards = self.beta * torch.cat([chosen.policy - references[0], rejected.policy - references[1]]).detach().float()
         return {"delta": self.running.update(float(ctx.global_mean(rewards)))}
 
     def __call__(self, adapter: Adapter, rows: Sequence[dict], ctx: StepContext):
@@ -237,7 +253,7 @@ class KTOStep(Step):
         return loss, metrics
 
 
-OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, BCOPairStep, KTOStep) for name in cls.names}
+OFFLINE_STEPS = {name: cls for cls in (PairwiseStep, SortedPairwiseStep, BCOPairStep, KTOStep) for name in cls.names}
 #: steps that sample from the policy, as ``"module:Class"`` imported on first use (they pull in their models)
 ONLINE_STEPS = {
     "sopo": "genalign.online.sopo:SoPoStep",
@@ -277,10 +293,19 @@ def build_step(name: str, **params: Any):
                 f"trainable objectives are {sorted([*OFFLINE_STEPS, *ONLINE_STEPS])}"
             )
         raise ValueError(f"unknown objective {name!r}; choose one of {known}")
-    step_options = set(inspect.signature(OFFLINE_STEPS[name]).parameters) - {"name", "params"}
-    accepted = set(inspect.signature(getattr(objectives, name)).parameters) | step_options
+    accepted = set(inspect.signature(getattr(objectives, name)).parameters) | _step_options(OFFLINE_STEPS[name])
     _reject_unknown(name, params, accepted)
     return OFFLINE_STEPS[name](name, **params)
+
+
+def _step_options(cls: type) -> set[str]:
+    """The named keyword options of a step class, with those its base classes take through ``**params``."""
+    options: set[str] = set()
+    for klass in cls.__mro__:
+        if issubclass(klass, Step) and "__init__" in vars(klass):
+            options |= {p.name for p in inspect.signature(klass.__init__).parameters.values()
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return options - {"self", "name"}
 
 
 def _reject_unknown(name: str, params: dict[str, Any], accepted: set[str]) -> None:
