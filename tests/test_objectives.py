@@ -372,8 +372,10 @@ def test_registry_kinds_and_names():
     kinds = {name: spec.kind for name, spec in O.OBJECTIVES.items()}
     assert kinds == {
         **dict.fromkeys(["dpo", "robust_dpo", "ipo", "slic", "gpo", "simpo", "soft_preference",
-                         "diffusion_dro", "sopo"], "pairwise"),
+                         "diffusion_dro", "sopo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+                         "aot_unpaired", "apo_zero", "apo_down", "discopop"], "pairwise"),
         "kto": "unpaired", "pmpo": "unpaired", "direct_reward": "reward", "selm_optimism": "auxiliary",
+        "chosen_nll": "auxiliary",
     }
     for name, spec in O.OBJECTIVES.items():
         assert O.get_objective(name) is spec and getattr(O, name) is spec.fn

@@ -461,6 +461,23 @@ class TextAdapter(Adapter):
         configured = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
         return sorted({self.tokenizer.eos_token_id, *configured})
 
+    # ------------------------------------------------------------------------------------------ WPO weights
+    @torch.no_grad()
+    def wpo_logps(self, samples: dict[str, Any]) -> torch.Tensor:
+        """Per sample, the mean over scored tokens of log π(y_t | y_<t) − log Σ_v π(v | y_<t)² under the policy
+        (WPO's aligned length-normalised log-probability, see :func:`genalign.objectives.wpo_weights`); float32, no
+        gradient. One extra forward of the policy in eval mode (no dropout draws, so the training RNG is untouched).
+        """
+        ids, attention, mask = self._inputs(samples)
+        model = self.unwrapped_policy
+        with eval_mode(model):
+            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        token_logps = logits.gather(-1, ids[:, 1:, None]).squeeze(-1) - log_z
+        log_sum_sq = torch.logsumexp(2 * logits, dim=-1) - 2 * log_z
+        weights = mask[:, 1:].to(logits.dtype)
+        return ((token_logps - log_sum_sq) * weights).sum(-1) / weights.sum(-1).clamp(min=1)
+
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype | str | None = None) -> torch.nn.Module:
     """``AutoModelForCausalLM`` from a local folder; ``dtype`` may be a name ("float32", "bfloat16") or "auto"."""

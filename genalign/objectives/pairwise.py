@@ -35,15 +35,19 @@ def _binary_logistic(logits: Tensor, p: Tensor | float) -> Tensor:
 
 
 def dpo(policy_chosen: Tensor, policy_rejected: Tensor, reference_chosen: Tensor, reference_rejected: Tensor,
-        *, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
+        *, beta: float = 0.1, label_smoothing: float = 0.0, chosen_lengths: Tensor | None = None,
+        rejected_lengths: Tensor | None = None) -> Tensor:
     """DPO: −(1−ε) log σ(βΔ) − ε log σ(−βΔ).
 
     ε = 0 is DPO (Rafailov et al. 2023, "Direct Preference Optimization"); ε > 0 is conservative DPO (cDPO,
-    labels flipped with probability ε). On diffusion scores this is Diffusion-DPO (Wallace et al. 2023).
+    labels flipped with probability ε). On diffusion scores this is Diffusion-DPO (Wallace et al. 2023). With
+    ``chosen_lengths``/``rejected_lengths`` each side's r is divided by its token count first (TRL's
+    ``sigmoid_norm``).
     """
     positive("beta", beta)
     eps = in_range("label_smoothing", label_smoothing, 0.0, 0.5)
-    r_w, r_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    r_w, r_l = _log_ratios(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                           chosen_lengths, rejected_lengths)
     return _binary_logistic(beta * (r_w - r_l), 1.0 - eps)
 
 

@@ -7,7 +7,7 @@ from typing import Callable, Literal
 
 import torch
 
-from genalign.objectives import pairwise, unpaired
+from genalign.objectives import pairwise, trl_losses, unpaired
 
 Kind = Literal["pairwise", "unpaired", "reward", "auxiliary"]
 
@@ -28,11 +28,14 @@ class ObjectiveSpec:
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     **{fn.__name__: ObjectiveSpec(fn, "pairwise") for fn in (
         pairwise.dpo, pairwise.robust_dpo, pairwise.ipo, pairwise.slic, pairwise.gpo, pairwise.simpo,
-        pairwise.soft_preference, pairwise.diffusion_dro, pairwise.sopo)},
+        pairwise.soft_preference, pairwise.diffusion_dro, pairwise.sopo, trl_losses.exo_pair, trl_losses.nca_pair,
+        trl_losses.bco_pair, trl_losses.sppo_hard, trl_losses.aot, trl_losses.aot_unpaired, trl_losses.apo_zero,
+        trl_losses.apo_down, trl_losses.discopop)},
     "kto": ObjectiveSpec(unpaired.kto, "unpaired"),
     "pmpo": ObjectiveSpec(unpaired.pmpo, "unpaired"),
     "direct_reward": ObjectiveSpec(unpaired.direct_reward, "reward"),
     "selm_optimism": ObjectiveSpec(unpaired.selm_optimism, "auxiliary"),
+    "chosen_nll": ObjectiveSpec(trl_losses.chosen_nll, "auxiliary"),
 }
 
 
