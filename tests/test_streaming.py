@@ -46,6 +46,12 @@ class CountingPairs(Dataset):
         raise AssertionError("the trainer iterated over the whole dataset")
 
 
+@pytest.fixture(autouse=True)
+def no_training_curve(monkeypatch):
+    """The PNG of the curves is not under test here and costs more than these tiny runs (forked children too)."""
+    monkeypatch.setattr("genalign.train._plot_curves", lambda history, path: None)
+
+
 def config(tmp_path, name: str, max_steps: int = 4, **options) -> TrainConfig:
     return TrainConfig(output_dir=str(tmp_path / name), max_steps=max_steps, batch_size=4, gradient_accumulation_steps=2,
                        learning_rate=0.05, log_every=1, seed=3, **options)
