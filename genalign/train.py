@@ -246,7 +246,8 @@ class Trainer:
         self._stream = (self.order, micro_step + 1, self._stream[2])
         for row in rows:
             for source in set(row.get(SKIPPED_ROWS, ())) - self._skipped:
-                log.warning("bad row skipped: %s (micro-step %d trains on a substitute)", source, micro_step)
+                if len(self._skipped) < 5:  # the rest are counted: data/bad_rows_skipped in the logs
+                    log.warning("bad row skipped: %s (micro-step %d trains on a substitute)", source, micro_step)
                 self._skipped.add(source)
         return indices, self._with_reference(indices, rows)
 
