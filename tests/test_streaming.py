@@ -20,6 +20,7 @@ from two_processes import run_two_processes
 
 from genalign.adapters.tabular import TabularAdapter
 from genalign.data.batching import RowOrder
+from genalign.data.loader import SKIPPED_ROWS
 from genalign.distributed import Shard
 from genalign.steps import build_step
 from genalign.train import Trainer, TrainConfig
@@ -115,6 +116,30 @@ def test_resume_through_workers_equals_uninterrupted_run(tmp_path):
     # row 0 (are rows pairs?), the reference cache reads every row once, then only the micro-batches of steps 4-6 (micro-steps 6-11) are read
     expected_reads = Counter([0, *range(32)]) + Counter(i for k in range(6, 12) for i in order.indices(k))
     assert data.reads == dict(expected_reads)
+
+
+class SubstitutingPairs(CountingPairs):
+    """Rows 3, 10 and 17 are "bad": the next row stands in and names them, as PickAPicDataset(skip_bad_rows=True)."""
+
+    skip_bad_rows = True
+    BAD = (3, 10, 17)
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.BAD:
+            return {**super().__getitem__((i + 1) % len(self)), SKIPPED_ROWS: [f"pairs row {i}"]}
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_substituted_bad_rows_are_counted_in_the_logs(tmp_path, workers, caplog):
+    with caplog.at_level("WARNING", logger="genalign.train"):
+        _, history = run(tmp_path, f"bad{workers}", SubstitutingPairs(32), cache_reference=False, num_workers=workers)
+    order = RowOrder(32, 4, seed=3)
+    seen = set()
+    for step, logs in enumerate(history, start=1):  # cumulative count of the distinct bad rows met so far
+        seen |= {i for k in range(2 * step - 2, 2 * step) for i in order.indices(k) if i in SubstitutingPairs.BAD}
+        assert logs["data/bad_rows_skipped"] == len(seen)
+    assert seen and all(f"bad row skipped: pairs row {i}" in caplog.text for i in seen)
 
 
 def _two_process_run(rank: int, output_dir, result_file) -> None:
