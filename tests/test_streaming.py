@@ -179,3 +179,25 @@ class Stream(IterableDataset):
 def test_iterable_datasets_are_refused_with_the_reason(tmp_path, rows):
     with pytest.raises(TypeError, match=r"map-style dataset \(__len__ and __getitem__\).*exact resume"):
         Trainer(TabularAdapter(3, 4), build_step("dpo"), rows, config(tmp_path, "iterable"))
+
+
+def test_encoding_cache_larger_than_its_memory_budget_reads_back_from_disk(tmp_path):
+    """12 prompt encodings of 6 x 16 float32 (384 bytes each) under a 1,000-byte memory budget: memory keeps the two
+    most recent, the rest come back from disk, exactly as computed, and the encoder never runs twice for a prompt."""
+    from tiny_pixel import pixel_adapter
+
+    adapter = pixel_adapter(cache_dir=tmp_path / "cache", cache_namespace="tiny-pixel", cache_memory_bytes=1000)
+    encoder, calls, cache = adapter.encode, [], adapter.cache
+    adapter.encode = lambda prompts: calls.append(list(prompts)) or encoder(prompts)
+    prompts = [f"prompt {i:02d}" for i in range(12)]
+    first = [adapter.encode_prompts(prompts[s : s + 4])["cond"] for s in range(0, 12, 4)]
+    assert sum(map(len, calls)) == 12 and cache.counts == {"memory": 0, "disk": 0, "computed": 12}
+    assert cache.memory_used == 2 * 6 * 16 * 4 <= cache.memory_bytes
+    assert len(list((tmp_path / "cache").glob("prompt-*.safetensors"))) == 12
+    again = [adapter.encode_prompts(prompts[s : s + 4])["cond"] for s in range(0, 12, 4)]
+    assert sum(map(len, calls)) == 12  # nothing recomputed
+    assert cache.counts == {"memory": 0, "disk": 12, "computed": 12}  # in order, each was evicted before its turn
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)  # safetensors stores float32 exactly
+    adapter.encode_prompts(prompts[-2:])
+    assert cache.counts["memory"] == 2 and cache.memory_used <= cache.memory_bytes
