@@ -201,3 +201,23 @@ def test_encoding_cache_larger_than_its_memory_budget_reads_back_from_disk(tmp_p
         assert torch.equal(a, b)  # safetensors stores float32 exactly
     adapter.encode_prompts(prompts[-2:])
     assert cache.counts["memory"] == 2 and cache.memory_used <= cache.memory_bytes
+
+
+def test_a_run_resumes_under_other_data_loading_settings(tmp_path):
+    """Workers, prefetch and pinning change who reads a row, not which: a run folder accepts them changed, and one
+    written before these keys existed resumes too."""
+    from omegaconf import OmegaConf
+    from test_cli import compose_experiment
+
+    from genalign.cli import check_resumable
+
+    started = compose_experiment("text_dpo", tmp_path)
+    out = tmp_path / "text_dpo"
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    saved = OmegaConf.to_container(started, resolve=True)
+    for key in ("num_workers", "prefetch_factor", "pin_memory"):
+        del saved["train"][key]  # as written by a version without them
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    check_resumable(out, compose_experiment("text_dpo", tmp_path, "train.num_workers=4", "train.prefetch_factor=8"))
+    with pytest.raises(ValueError, match=r"train\.seed"):
+        check_resumable(out, compose_experiment("text_dpo", tmp_path, "train.seed=1"))
