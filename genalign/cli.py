@@ -58,8 +58,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-#: what may differ when a run resumes: a longer run continues from its last checkpoint
-RESUMABLE_CHANGES = ("train.max_steps",)
+#: what may differ when a run resumes: a longer run continues from its last checkpoint, and how rows are loaded
+#: never changes which rows a step reads (genalign.data.loader)
+RESUMABLE_CHANGES = ("train.max_steps", "train.num_workers", "train.prefetch_factor", "train.pin_memory")
 
 
 def check_resumable(out: Path, cfg: DictConfig) -> None:

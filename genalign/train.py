@@ -3,7 +3,8 @@
 Built on ``accelerate`` (mixed precision, gradient accumulation, DDP/FSDP/DeepSpeed through ``accelerate
 launch``). Checkpoints are written to a temporary folder and renamed into place, so a kill never leaves a
 half-written checkpoint; resuming restores model, optimizer, scheduler, every RNG and the data position
-(the row order is a pure function of the step, see :class:`genalign.data.batching.RowOrder`).
+(the row order is a pure function of the step, see :class:`genalign.data.batching.RowOrder`). Rows stream through a
+``torch.utils.data.DataLoader`` (:mod:`genalign.data.loader`): the trainer never materialises the dataset.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from genalign.adapters.base import Adapter
-from genalign.data.batching import RowOrder
+from genalign.data.batching import RowOrder, pairwise_batch
+from genalign.data.loader import SKIPPED_ROWS, Chunks, MicroBatches, check_map_style, row_loader
 from genalign.distributed import Shard
 from genalign.steps import StepContext
 
@@ -37,7 +39,9 @@ Evaluator = Callable[[Adapter], dict[str, float]]
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a run. ``batch_size`` is the global micro-batch, split across processes; ``compile``
-    runs the (accelerate-prepared) policy through ``torch.compile``."""
+    runs the (accelerate-prepared) policy through ``torch.compile``. ``num_workers`` DataLoader worker processes
+    read rows ahead (``prefetch_factor`` micro-batches each; 0: rows are read in the training process), into pinned
+    memory on CUDA when ``pin_memory``."""
 
     output_dir: str = "outputs/run"
     max_steps: int = 100
@@ -60,6 +64,9 @@ class TrainConfig:
     resume: bool = True
     cache_reference: bool = True
     log_with: list[str] = field(default_factory=list)
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    pin_memory: bool = True
 
 
 class _GeneratorState:
@@ -76,7 +83,8 @@ class _GeneratorState:
 
 
 class Trainer:
-    """Train ``adapter.policy`` with ``step`` (see :mod:`genalign.steps`) over ``rows``.
+    """Train ``adapter.policy`` with ``step`` (see :mod:`genalign.steps`) over ``rows``, a map-style dataset of row
+    dicts (``__len__``/``__getitem__``; a list is one) read one micro-batch at a time (:mod:`genalign.data.loader`).
 
     ``evaluate(adapter) -> dict`` runs before training, every ``eval_every`` steps and at the end; the first
     and last results land in ``output_dir/metrics.json`` as ``{"before": ..., "after": ...}``.
@@ -91,7 +99,8 @@ class Trainer:
         evaluate: Evaluator | None = None,
         accelerator: Accelerator | None = None,
     ):
-        self.adapter, self.step_fn, self.rows, self.cfg, self.evaluate = adapter, step, list(rows), config, evaluate
+        check_map_style(rows)
+        self.adapter, self.step_fn, self.rows, self.cfg, self.evaluate = adapter, step, rows, config, evaluate
         self.output_dir = Path(config.output_dir)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=config.mixed_precision,
@@ -130,6 +139,10 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict[str, float]] = []
         self.metrics: dict[str, Any] = {}
+        #: ``[len(rows), 2]`` reference scores (chosen, rejected) by dataset index, see :meth:`cache_reference_scores`
+        self.reference_scores: torch.Tensor | None = None
+        self._stream: Any = None  # (order, next micro-step, iterator over the DataLoader)
+        self._skipped: set[str] = set()  # sources of bad rows the dataset substituted in this process's batches
 
     # ------------------------------------------------------------------ public
     def train(self) -> dict[str, Any]:
@@ -151,6 +164,7 @@ class Trainer:
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
             self._after_step(logs)
         bar.close()
+        self._stream = None  # ends the DataLoader workers
         if "after" not in self.metrics:
             self.metrics["after"] = self._evaluate("after")
         self.metrics["history"] = self.history
@@ -187,10 +201,10 @@ class Trainer:
         sums: dict[str, float] = {}
         for micro in range(cfg.gradient_accumulation_steps):
             micro_step = self.global_step * cfg.gradient_accumulation_steps + micro
-            indices = self.shard.rows(self.order.indices(micro_step))
+            indices, rows = self._micro_batch(micro_step)
             with acc.accumulate(self.adapter.policy):
                 with acc.autocast(), self.shard.draws(self.noise.generator):
-                    loss, metrics = self.step_fn(self.adapter, [self.rows[i] for i in indices], ctx)
+                    loss, metrics = self.step_fn(self.adapter, rows, ctx)
                 loss = loss.float().mean()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -213,7 +227,41 @@ class Trainer:
         self.scheduler.step()
         sums["lr"] = self.scheduler.get_last_lr()[0]
         self.global_step += 1
-        return {k: self._global_mean(torch.tensor(v, device=acc.device)).item() for k, v in sums.items()}
+        logs = {k: self._global_mean(torch.tensor(v, device=acc.device)).item() for k, v in sums.items()}
+        if getattr(self.rows, "skip_bad_rows", False):  # summed over processes
+            count = self._global_mean(torch.tensor(float(len(self._skipped)), device=acc.device)).item()
+            logs["data/bad_rows_skipped"] = count * acc.num_processes
+        return logs
+
+    # ------------------------------------------------------------------ data
+    def _micro_batch(self, micro_step: int) -> tuple[list[int], list[dict[str, Any]]]:
+        """This process's dataset indices and rows of ``micro_step``, from the DataLoader stream. The stream starts
+        at the first micro-step asked for (the resumed step) and is rebuilt when a caller jumps elsewhere or
+        replaces :attr:`order`; it stops at the run's last micro-step, so workers never read past the run."""
+        cfg = self.cfg
+        if self._stream is None or self._stream[:2] != (self.order, micro_step):
+            stop = max(cfg.max_steps * cfg.gradient_accumulation_steps, micro_step + cfg.gradient_accumulation_steps)
+            self._stream = (self.order, micro_step, iter(self._loader(MicroBatches(self.order, self.shard, micro_step, stop))))
+        indices, rows = next(self._stream[2])
+        self._stream = (self.order, micro_step + 1, self._stream[2])
+        for row in rows:
+            for source in set(row.get(SKIPPED_ROWS, ())) - self._skipped:
+                if len(self._skipped) < 5:  # the rest are counted: data/bad_rows_skipped in the logs
+                    log.warning("bad row skipped: %s (micro-step %d trains on a substitute)", source, micro_step)
+                self._skipped.add(source)
+        return indices, self._with_reference(indices, rows)
+
+    def _loader(self, batch_sampler: Any):
+        cfg = self.cfg
+        return row_loader(self.rows, batch_sampler, num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor,
+                          pin_memory=cfg.pin_memory and self.accelerator.device.type == "cuda", seed=cfg.seed)
+
+    def _with_reference(self, indices: list[int], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows with their cached reference scores added (copies: the dataset's rows are never modified)."""
+        if self.reference_scores is None:
+            return rows
+        scores = self.reference_scores[indices].tolist()
+        return [{**row, "reference_chosen": c, "reference_rejected": j} for row, (c, j) in zip(rows, scores)]
 
     def _after_step(self, logs: dict[str, float]) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -255,23 +303,38 @@ class Trainer:
 
     # ------------------------------------------------------------------ reference cache
     def cache_reference_scores(self) -> None:
-        """Precompute reference scores once when they cannot change (deterministic scores, pairwise rows)."""
-        if not (self.adapter.deterministic and self.rows and "chosen" in self.rows[0]):
-            return
-        if all("reference_chosen" in r for r in self.rows):
-            return
-        from genalign.data.batching import pairwise_batch
+        """Precompute the reference scores of every pair once when they cannot change (a deterministic adapter,
+        pairwise rows that do not carry their own): :attr:`reference_scores` keeps them by dataset index (two floats
+        a row; the rows are not modified) and each micro-batch's rows get theirs added when they are read.
 
-        bs = self.cfg.batch_size
+        The set is read in chunks of ``batch_size`` through the same DataLoader as training. With several processes
+        each scores an equal number of chunks (its :meth:`Shard.split` share, the last one repeated where shares
+        differ by one, so collective forwards such as FSDP's stay in step) and the scores are gathered; a chunk
+        holds the same rows whichever process scores it, so every process ends with the one-process scores.
+        """
+        if self.reference_scores is not None or not self.adapter.deterministic or len(self.rows) == 0:
+            return
+        first = self.rows[0]
+        if "chosen" not in first or "reference_chosen" in first:
+            return
+        n, bs = len(self.rows), self.cfg.batch_size
+        chunks = [range(start, min(start + bs, n)) for start in range(0, n, bs)]
+        mine = list(self.shard.split(len(chunks)))
+        share = -(-len(chunks) // self.shard.count)
+        padded = [chunks[i] for i in mine] + [chunks[mine[-1] if mine else 0]] * (share - len(mine))
+        computed: list[tuple[int, list[list[float]]]] = []
         with torch.no_grad(), self.accelerator.autocast():
-            for start in range(0, len(self.rows), bs):
-                chunk = self.rows[start : start + bs]
-                batch = pairwise_batch(self.adapter, chunk).to(self.accelerator.device)
+            for k, (indices, rows) in enumerate(self._loader(Chunks(padded))):
+                batch = pairwise_batch(self.adapter, rows).to(self.accelerator.device)
                 chosen, rejected = self.adapter.score_pairs(batch)
                 if chosen.reference is None:
-                    return  # reference-free objective (e.g. SimPO): nothing to cache
-                for r, c, j in zip(chunk, chosen.reference.tolist(), rejected.reference.tolist()):
-                    r["reference_chosen"], r["reference_rejected"] = c, j
+                    return  # reference-free objective (e.g. SimPO): nothing to cache (the same on every process)
+                if k < len(mine):
+                    computed.append((indices[0], torch.stack([chosen.reference, rejected.reference], 1).float().tolist()))
+        scores = torch.full((n, 2), float("nan"))
+        for start, values in self.shard.gather(computed):
+            scores[start : start + len(values)] = torch.tensor(values)
+        self.reference_scores = scores
 
     # ------------------------------------------------------------------ checkpoints
     @property

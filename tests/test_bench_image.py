@@ -57,12 +57,14 @@ def test_both_loops_give_the_same_loss_and_gradients_on_the_same_draw(loops):
 
 
 def test_cached_reference_lever_skips_the_reference_forward_on_its_own_rows(monkeypatch):
-    """The lever's step runs the policy UNet only (its rows carry reference scores); the default side's rows, shared
-    with the peer, stay without them, and its step still runs the reference."""
+    """The lever's step runs the policy UNet only (its trainer holds reference scores by row index); the rows, shared
+    with the peer and the default side, are not modified, and the default side's step still runs the reference."""
     sides = image.build(TINY, ("genalign", "genalign-cached-reference"))
     default, cached = sides["genalign"], sides["genalign-cached-reference"]
-    assert all("reference_chosen" in r and "reference_rejected" in r for r in cached.trainer.rows)
-    assert not any("reference_chosen" in r for r in default.trainer.rows)
+    scores = cached.trainer.reference_scores
+    assert scores is not None and scores.shape == (len(cached.trainer.rows), 2) and bool(scores.isfinite().all())
+    assert default.trainer.reference_scores is None
+    assert not any("reference_chosen" in r for r in [*cached.trainer.rows, *default.trainer.rows])
     calls = {name: 0 for name in sides}
     for name, side in sides.items():
         adapter, enter = side.trainer.adapter, side.trainer.adapter.reference_unet

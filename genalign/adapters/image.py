@@ -70,7 +70,8 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
             ``(1 + s) / (10 + s)``, or, with ``ema_power`` p, at ``1 − (1 + s)^−p`` (Karras et al. 2022's
             power-law averaging; p = 2/3 ~ the last third of the run), so short runs average over a longer window.
         cache_dir / cache_namespace: cache VAE latents and prompt encodings on disk, keyed by content and by
-            ``cache_namespace`` (a name for the frozen VAE + prompt encoder, e.g. the model folder).
+            ``cache_namespace`` (a name for the frozen VAE + prompt encoder, e.g. the model folder);
+            ``cache_memory_bytes`` of them also stay in memory (least recently used out; default 0: disk only).
     """
 
     sample_key = "x0"
@@ -90,6 +91,7 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         ema_power: float | None = None,
         cache_dir: str | Path | None = None,
         cache_namespace: str | None = None,
+        cache_memory_bytes: int = 0,
     ):
         if ema_power is not None and (ema_decay is None or ema_power <= 0):
             raise ValueError(f"ema_power={ema_power!r} needs ema_decay=... and must be > 0")
@@ -115,7 +117,7 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         self.vae = vae.requires_grad_(False).eval() if vae is not None else None
         self._check_channels(unet)
         self.encode = prompt_encoder
-        self.cache = EncodingCache(cache_dir, cache_namespace or "")
+        self.cache = EncodingCache(cache_dir, cache_namespace or "", memory_bytes=cache_memory_bytes)
         self.reference = copy.deepcopy(unet).requires_grad_(False).eval() if reference == "copy" else None
         if lora is not None:
             unet.requires_grad_(False)

@@ -177,7 +177,6 @@ class GenalignDiffusionDPO:
         self.name = ("genalign-channels-last" if channels_last else
                      "genalign-cached-reference" if cached_reference else "genalign")
         config = replace(config, channels_last=channels_last)
-        rows = [dict(r) for r in rows] if cached_reference else rows  # the cache is written into the rows
         self.workdir = tempfile.TemporaryDirectory(prefix="genalign-bench-image-")
         adapter = genalign_adapter(components, config, cache_dir=str(Path(self.workdir.name) / "cache"))
         train = TrainConfig(output_dir=str(Path(self.workdir.name) / "run"), max_steps=10**9,

@@ -105,11 +105,12 @@ class RowOrder:
             raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} rows); lower batch_size")
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.batches_per_epoch = n // batch_size
+        self._epoch: tuple[int, torch.Tensor] | None = None  # the last epoch's permutation (n can be millions)
 
     def indices(self, micro_step: int) -> list[int]:
         epoch, k = divmod(micro_step, self.batches_per_epoch)
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(self.n)
-        return order[k * self.batch_size : (k + 1) * self.batch_size].tolist()
+        if self._epoch is None or self._epoch[0] != epoch:
+            order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+                     if self.shuffle else torch.arange(self.n))
+            self._epoch = (epoch, order)
+        return self._epoch[1][k * self.batch_size : (k + 1) * self.batch_size].tolist()

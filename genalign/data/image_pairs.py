@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ def open_image(source: bytes | Path, where: str) -> Image.Image:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.convert("RGB")
     except (OSError, ValueError) as error:  # PIL raises UnidentifiedImageError (an OSError) for bad data
-        raise ValueError(f"{where}: cannot decode the image ({error})") from error
+        # PIL names the buffer by its address: dropped, so one bad row gives one message in every process
+        reason = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(error))
+        raise ValueError(f"{where}: cannot decode the image ({reason})") from error
 
 
 def prepare_image(image: Image.Image, prompt: str, resolution: int | None = None) -> dict[str, Any]:

@@ -3,38 +3,78 @@
 Each row holds a caption, two JPEG-encoded images ``jpg_0``/``jpg_1`` and labels ``label_0``/``label_1``:
 (1, 0) or (0, 1) for a preference, (0.5, 0.5) for a tie. As in Diffusion-DPO (Wallace et al. 2023), ties are
 dropped (and counted in ``num_ties``); for the rest the two images are swapped jointly so ``chosen`` is the
-preferred one. Captions and labels are read and checked when the set is opened; images are read per parquet
-row group when an item is asked for (a few row groups stay cached), so shards larger than memory work.
-Items are pair records as described in :mod:`genalign.data.image_pairs`.
+preferred one. Items are pair records as described in :mod:`genalign.data.image_pairs`.
+
+**What is read when.** Opening the set reads only the caption and label columns, one row group at a time, and keeps
+five integers per pair (a million pairs: 40 MB); captions and images are read per parquet row group when an item is
+asked for (a few row groups stay cached), so shards larger than memory work. Images are decoded only in
+``__getitem__``: checking every JPEG at open would decode the whole set.
+
+**Bad rows.** A missing column, an empty or non-string caption or labels that are not a preference or a tie are found
+at open; an image that is not bytes or does not decode is found when its row is read. Either is a ``ValueError``
+naming the file, row group, row (counted from the start of the file) and column. With ``skip_bad_rows=True``:
+
+* bad rows found at open are left out of the set (a file missing a column: all its rows), counted in
+  ``num_skipped`` and logged with their first few sources, before any index is handed out;
+* a row whose image does not decode is replaced by the next readable pair (``i + 1``, ``i + 2``, … modulo the
+  length), a choice that depends on the files only: the rows a training step sees stay a pure function of the step
+  (exact resume, any number of DataLoader workers or processes). The substitute record lists the bad rows it stands
+  for under ``skipped_rows`` (:data:`genalign.data.loader.SKIPPED_ROWS`), so the trainer counts and logs them even
+  when a DataLoader worker read them (``data/bad_rows_skipped`` in ``log.jsonl``); ``num_skipped`` counts them in the
+  process that met them.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
 from genalign.data.image_pairs import open_image, prepare_image
+from genalign.data.loader import SKIPPED_ROWS
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+#: Pick-a-Pic v2's splits; its shards are named ``<split>-NNNNN-of-NNNNN-<hash>.parquet`` (e.g. ``data/train-00000-of-00645-….parquet``)
+SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 _VALID_LABELS = {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
+_LOGGED_SOURCES = 5
 
 
-def parquet_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand files and folders (every ``*.parquet`` inside, sorted) into a list of parquet files."""
+class BadRow(ValueError):
+    """A row that cannot be used; the message names file, row group, row and column."""
+
+
+def parquet_files(paths: str | Path | Sequence[str | Path], split: str | None = None) -> list[Path]:
+    """Expand files and folders into parquet files. A folder gives its ``*.parquet`` files, sorted, or those of its
+    ``data/`` subfolder (the Hugging Face dataset layout) when it has none. ``split`` keeps the shards of one
+    Pick-a-Pic v2 split (file names starting ``<split>-``; ``validation`` does not take ``validation_unique``)."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split={split!r} is not a Pick-a-Pic v2 split; choose one of {list(SPLITS)}")
+    prefix = f"{split}-" if split is not None else ""
     files: list[Path] = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
         if path.is_dir():
-            found = sorted(path.glob("*.parquet"))
+            found = sorted(path.glob("*.parquet")) or sorted((path / "data").glob("*.parquet"))
             if not found:
-                raise FileNotFoundError(f"folder {path} holds no *.parquet files")
-            files.extend(found)
+                raise FileNotFoundError(f"folder {path} holds no *.parquet files (nor does {path / 'data'})")
+            kept = [f for f in found if f.name.startswith(prefix)]
+            if not kept:
+                raise FileNotFoundError(f"folder {path} holds no {split!r} shards ({prefix}*.parquet); its files "
+                                        f"start {sorted({f.name.split('-')[0] for f in found})}")
+            files.extend(kept)
         elif path.is_file():
+            if not path.name.startswith(prefix):
+                raise ValueError(f"{path} is not a {split!r} shard (its name does not start {prefix!r}); pass the "
+                                 "shards of that split or leave split unset")
             files.append(path)
         else:
             raise FileNotFoundError(f"Pick-a-Pic parquet path {path} does not exist")
@@ -42,52 +82,72 @@ def parquet_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
 
 
 class PickAPicDataset(Dataset):
-    """Non-tied Pick-a-Pic pairs, ``chosen`` = the preferred image. ``num_rows`` and ``num_ties`` count the input."""
+    """Non-tied Pick-a-Pic pairs, ``chosen`` = the preferred image. ``num_rows``, ``num_ties`` and ``num_skipped``
+    count the input (see the module docstring for ``skip_bad_rows`` and ``split``)."""
 
     def __init__(
-        self, paths: str | Path | Sequence[str | Path], *, resolution: int | None = None, cache_row_groups: int = 4
+        self,
+        paths: str | Path | Sequence[str | Path],
+        *,
+        resolution: int | None = None,
+        split: str | None = None,
+        skip_bad_rows: bool = False,
+        cache_row_groups: int = 4,
     ) -> None:
-        self.files = parquet_files(paths)
-        self.resolution, self.cache_row_groups = resolution, cache_row_groups
-        self.num_rows = self.num_ties = 0
+        self.files = parquet_files(paths, split)
+        self.resolution, self.cache_row_groups, self.skip_bad_rows = resolution, cache_row_groups, skip_bad_rows
+        self.num_rows = self.num_ties = self.num_skipped = 0
+        self.skipped_sources: list[str] = []  # the first few bad rows (all of them are counted)
         # per kept pair: (file index, row group, row in group, row in file, preferred image 0 or 1)
-        self.pairs: list[tuple[int, int, int, int, int]] = []
-        self.prompts: list[str] = []
-        for index, path in enumerate(self.files):
-            self._scan(index, path)
+        pairs = [self._scan(index, path) for index, path in enumerate(self.files)]
+        self.pairs = np.concatenate(pairs) if pairs else np.zeros((0, 5), dtype=np.int64)
+        if self.num_skipped:
+            log.warning("Pick-a-Pic: skipped %d bad row(s) of %d at open (skip_bad_rows=True), first: %s",
+                        self.num_skipped, self.num_rows, "; ".join(self.skipped_sources))
+        if len(self.pairs) == 0:
+            raise ValueError(f"no usable pairs in {[str(f) for f in self.files]} ({self.num_rows} rows, "
+                             f"{self.num_ties} ties, {self.num_skipped} bad)")
+        self._bad: dict[int, str] = {}  # pairs whose images failed to decode in this process
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
-    def _scan(self, index: int, path: Path) -> None:
+    # ------------------------------------------------------------------ open: captions and labels
+    def _scan(self, index: int, path: Path) -> np.ndarray:
         shard = pq.ParquetFile(path)
+        kept: list[tuple[int, int, int, int, int]] = []
         missing = [c for c in COLUMNS if c not in shard.schema_arrow.names]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards have {list(COLUMNS)}")
+            self.num_rows += shard.metadata.num_rows
+            self._bad_at_open(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards have {list(COLUMNS)}",
+                              shard.metadata.num_rows)
+            return np.zeros((0, 5), dtype=np.int64)
         row = 0
         for group in range(shard.num_row_groups):
             meta = shard.read_row_group(group, columns=["caption", "label_0", "label_1"]).to_pydict()
             for offset, (caption, *labels) in enumerate(zip(meta["caption"], meta["label_0"], meta["label_1"])):
-                self._check(path, row, caption, labels)
-                if labels == [0.5, 0.5]:
+                problem = _caption_problem(caption) or _label_problem(labels)
+                if problem:
+                    self._bad_at_open(f"{path} row group {group} row {row}, {problem}")
+                elif labels == [0.5, 0.5]:
                     self.num_ties += 1
                 else:
-                    self.pairs.append((index, group, offset, row, 0 if labels[0] == 1.0 else 1))
-                    self.prompts.append(caption)
+                    kept.append((index, group, offset, row, 0 if labels[0] == 1.0 else 1))
                 row += 1
         self.num_rows += row
+        return np.array(kept, dtype=np.int64).reshape(-1, 5)
 
-    @staticmethod
-    def _check(path: Path, row: int, caption: Any, labels: list[Any]) -> None:
-        if not isinstance(caption, str):
-            raise ValueError(f"{path} row {row}: field 'caption' must be a string, got {caption!r}")
-        if any(v is None for v in labels) or (float(labels[0]), float(labels[1])) not in _VALID_LABELS:
-            raise ValueError(
-                f"{path} row {row}: fields 'label_0', 'label_1' are {labels}; expected (1, 0), (0, 1) or a tie (0.5, 0.5)"
-            )
+    def _bad_at_open(self, message: str, rows: int = 1) -> None:
+        if not self.skip_bad_rows:
+            raise BadRow(f"{message} (data.skip_bad_rows=true skips and counts such rows)")
+        self.num_skipped += rows
+        if len(self.skipped_sources) < _LOGGED_SOURCES:
+            self.skipped_sources.append(message)
 
-    def _images(self, index: int, group: int) -> pa.Table:
+    # ------------------------------------------------------------------ items: images
+    def _row_group(self, index: int, group: int) -> pa.Table:
         key = (index, group)
         if key not in self._cache:
-            self._cache[key] = pq.ParquetFile(self.files[index]).read_row_group(group, columns=["jpg_0", "jpg_1"])
+            shard = pq.ParquetFile(self.files[index])
+            self._cache[key] = shard.read_row_group(group, columns=["caption", "jpg_0", "jpg_1"])
             if len(self._cache) > self.cache_row_groups:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
@@ -97,16 +157,53 @@ class PickAPicDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        index, group, offset, row, preferred = self.pairs[i]
-        images, prompt = self._images(index, group), self.prompts[i]
-        where = f"{self.files[index]} row {row}"
+        if not self.skip_bad_rows:
+            return self._read(i)
+        skipped: list[str] = []
+        for k in range(len(self)):
+            j = (i + k) % len(self)
+            if j not in self._bad:
+                try:
+                    record = self._read(j)
+                except BadRow as error:
+                    self._bad[j] = str(error)
+                    self.num_skipped += 1
+                else:
+                    if skipped:
+                        record[SKIPPED_ROWS] = skipped
+                    return record
+            skipped.append(self._bad[j])
+        raise ValueError(f"none of the {len(self)} pairs of {[str(f) for f in self.files]} has images that decode")
+
+    def _read(self, i: int) -> dict[str, Any]:
+        index, group, offset, row, preferred = (int(v) for v in self.pairs[i])
+        table = self._row_group(index, group)
+        prompt = table.column("caption")[offset].as_py()
+        where = f"{self.files[index]} row group {group} row {row}"
         record: dict[str, Any] = {"prompt": prompt, "source": where}
         for role, column in (("chosen", f"jpg_{preferred}"), ("rejected", f"jpg_{1 - preferred}")):
-            data = images.column(column)[offset].as_py()
+            data, field = table.column(column)[offset].as_py(), f"{where}, column {column!r}"
             if not isinstance(data, bytes):
-                raise ValueError(f"{where}: field {column!r} must hold encoded image bytes, got {type(data).__name__}")
-            record[role] = prepare_image(open_image(data, f"{where} field {column!r}"), prompt, self.resolution)
+                raise BadRow(f"{field}: must hold encoded image bytes, got {type(data).__name__}")
+            try:
+                image = open_image(data, field)
+            except ValueError as error:
+                raise BadRow(str(error)) from error
+            record[role] = prepare_image(image, prompt, self.resolution)
         return record
 
-    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers start with an empty image cache
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers start with an empty row-group cache
         return {**self.__dict__, "_cache": OrderedDict()}
+
+
+def _caption_problem(caption: Any) -> str | None:
+    if not isinstance(caption, str) or not caption.strip():
+        return f"column 'caption': must be a non-empty string, got {caption!r}"
+    return None
+
+
+def _label_problem(labels: list[Any]) -> str | None:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in labels)
+    if not numbers or (float(labels[0]), float(labels[1])) not in _VALID_LABELS:
+        return f"columns 'label_0', 'label_1': are {labels}; expected (1, 0), (0, 1) or a tie (0.5, 0.5)"
+    return None
