@@ -41,10 +41,17 @@ class CLIPPromptEncoder:
             for sub in (tokenizer_dir, encoder_dir):
                 if not (path / sub).is_dir():
                     raise FileNotFoundError(f"{path} has no {sub}/ subfolder (needed for the prompt encoder); "
-                                            "add it or pass prompt_encoder=")
+                                            f"copy {sub}/ of the same model into {path}, or pass prompt_encoder=")
         tokenizers = [AutoTokenizer.from_pretrained(str(path), subfolder=t) for t, _, _ in names]
         encoders = [cls_.from_pretrained(str(path), subfolder=e) for _, e, cls_ in names]
+        for (tokenizer_dir, encoder_dir, _), tokenizer, encoder in zip(names, tokenizers, encoders):
+            check_tokenizer_fits(tokenizer, encoder, path / tokenizer_dir, path / encoder_dir)
         return cls(tokenizers, encoders, penultimate=sdxl)
+
+    @property
+    def token_features(self) -> int:
+        """Features per token of the hidden states fed to the UNet (the encoders' widths, concatenated)."""
+        return sum(int(m.config.hidden_size) for m in self.text_encoders)
 
     def to(self, device: torch.device | str) -> "CLIPPromptEncoder":
         self.text_encoders = [m.to(device) for m in self.text_encoders]
@@ -62,3 +69,18 @@ class CLIPPromptEncoder:
             states.append(out.hidden_states[-2] if self.penultimate else out.last_hidden_state)
             pooled = getattr(out, "text_embeds", None)
         return torch.cat(states, dim=-1), pooled
+
+
+def check_tokenizer_fits(tokenizer, encoder: torch.nn.Module, tokenizer_dir: Path, encoder_dir: Path) -> None:
+    """A tokenizer belongs to its text encoder: every token id must index the embedding table, and the padded
+    length (``model_max_length``) must fit the position embeddings. A mismatched pair would otherwise fail deep in
+    the first forward pass (an index error) or, worse, silently embed the wrong tokens."""
+    vocab, rows = len(tokenizer), int(encoder.config.vocab_size)
+    fix = f"copy the tokenizer of the model {encoder_dir.name}/ comes from into {tokenizer_dir}"
+    if vocab > rows:
+        raise ValueError(f"{tokenizer_dir} has {vocab} tokens but {encoder_dir} embeds only {rows} "
+                         f"(config.json vocab_size): the tokenizer does not match the text encoder; {fix}")
+    length, positions = int(tokenizer.model_max_length), int(encoder.config.max_position_embeddings)
+    if length > positions:
+        raise ValueError(f"{tokenizer_dir} pads prompts to {length} tokens (model_max_length) but {encoder_dir} has "
+                         f"{positions} position embeddings: the tokenizer does not match the text encoder; {fix}")

@@ -49,6 +49,8 @@ PromptEncoder = Callable[[list[str]], Any]  # -> (hidden [N, L, D], pooled [N, D
 ImageBatch = dict[str, torch.Tensor | None]
 BATCH_KEYS = ("x0", "cond", "pooled", "time_ids")
 DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+SAMPLE_IDS = ("original_size", "crop_top_left")  # SDXL micro-conditions a sample record carries
+ARCHITECTURES = {"sd15": "SD 1.x/2.x", "sdxl": "SDXL"}  # adapter configs: one CLIP text encoder / two + text_time
 
 
 class ImageDiffusionAdapter(Adapter, DiffusionSampling):
@@ -140,6 +142,7 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         reference: str | None = None,
         prompt_encoder: PromptEncoder | None = None,
         pixel_space: bool = False,
+        architecture: str | None = None,
         cache_dir: str | Path | None = None,
         cache_namespace: str | None = None,
         **options: Any,
@@ -147,19 +150,33 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         """Load a local diffusers folder: ``unet/``, ``scheduler/``, ``vae/`` (unless ``pixel_space``) and, without a
         ``prompt_encoder``, ``text_encoder/`` + ``tokenizer/`` (+ ``text_encoder_2/`` + ``tokenizer_2/`` for SDXL,
         recognised by the UNet's ``addition_embed_type="text_time"``). The training scheduler is a DDPMScheduler
-        built from ``scheduler/``'s config. ``options`` go to the constructor."""
+        built from ``scheduler/``'s config. ``options`` go to the constructor.
+
+        ``architecture`` (``"sd15"``: SD 1.x/2.x, one CLIP text encoder; ``"sdxl"``: two encoders and the
+        ``text_time`` added conditions) is checked against the folder before any weights load, so an SDXL folder
+        given to the SD 1.5 config (or the reverse) fails naming the folder and the config to use. The text
+        encoders' token features must add up to the UNet's ``cross_attention_dim``."""
         path = Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"model folder {path} does not exist")
+            raise FileNotFoundError(f"model folder {path} does not exist; adapter.path=... must be a local diffusers "
+                                    "folder (model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
         for sub in ("unet", "scheduler") + (() if pixel_space else ("vae",)):
-            if not (path / sub).is_dir():
+            if not (path / sub / "config.json").is_file() and not (path / sub / "scheduler_config.json").is_file():
                 hint = " (pass pixel_space=True for a model without a VAE)" if sub == "vae" else ""
-                raise FileNotFoundError(f"{path} has no {sub}/ subfolder{hint}")
+                state = "has no config" if (path / sub).is_dir() else "is missing"
+                raise FileNotFoundError(f"{path / sub} {state}: {path} is not a complete diffusers folder{hint}; copy "
+                                        f"the {sub}/ subfolder of the same model into it")
+        _check_architecture(path, architecture)
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
         vae = None if pixel_space else AutoencoderKL.from_pretrained(str(path), subfolder="vae")
         if prompt_encoder is None:
             prompt_encoder = CLIPPromptEncoder.from_pretrained(path, sdxl=unet.config.addition_embed_type == "text_time")
+            features = prompt_encoder.token_features
+            if features != unet.config.cross_attention_dim:
+                raise ValueError(f"the text encoder(s) of {path} give {features} features per token but "
+                                 f"{path / 'unet'} has cross_attention_dim={unet.config.cross_attention_dim}: they are "
+                                 "not from the same model; copy the text_encoder/ folders of the UNet's model")
             cache_namespace = cache_namespace or str(path.resolve())
         return cls(unet, scheduler, prompt_encoder, vae=vae, reference=reference, lora=lora, cache_dir=cache_dir,
                    cache_namespace=cache_namespace, **options)
@@ -181,18 +198,19 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
     # ------------------------------------------------------------------------------------------ batches
     def collate(self, records: Sequence[dict[str, Any]]) -> ImageBatch:
         """Records ``{"prompt": str, "response": image, "row": int[, "original_size": (h, w),
-        "crop_top_left": (top, left)]}``; an image is a float tensor ``[C, H, W]`` in [−1, 1] or a PIL image.
-        The SDXL size/crop conditions default to the image size and (0, 0)."""
+        "crop_top_left": (top, left)]}``; an image is a float tensor ``[C, H, W]`` in [−1, 1], a PIL image, or a
+        sample record ``{"image", "original_size", "crop_top_left"}`` (:mod:`genalign.data.image_pairs`, e.g. a
+        Pick-a-Pic pair's ``chosen``) whose ids are used. The SDXL size/crop conditions default to the image size
+        and (0, 0)."""
         if not records:
             raise ValueError("collate needs at least one record")
+        records = [_unpack_sample(record, i) for i, record in enumerate(records)]
         prompts, pixels = [], []
         for i, record in enumerate(records):
             label = _label(record, i)
             prompt = record.get("prompt")
             if not isinstance(prompt, str):
                 raise ValueError(f"{label}: field 'prompt' must be a string, got {type(prompt).__name__}")
-            if record.get("response") is None:
-                raise ValueError(f"{label}: missing field 'response' (the image)")
             prompts.append(prompt)
             pixels.append(self._image_tensor(record["response"], label))
         sizes = {tuple(p.shape[-2:]) for p in pixels}
@@ -511,6 +529,36 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
                 )
             else:
                 unet.save_pretrained(str(Path(directory) / "unet"))
+
+
+def _check_architecture(path: Path, architecture: str | None) -> None:
+    """Refuse a folder of the other family before loading weights: SDXL is recognised by ``unet/config.json``'s
+    ``addition_embed_type="text_time"`` and by a ``text_encoder_2/`` folder."""
+    if architecture is None:
+        return
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture={architecture!r} is not one of {sorted(ARCHITECTURES)}")
+    embed = UNet2DConditionModel.load_config(str(path), subfolder="unet").get("addition_embed_type")
+    second = (path / "text_encoder_2").is_dir()
+    found = "sdxl" if embed == "text_time" or second else "sd15"
+    if found == architecture:
+        return
+    signs = f"unet/config.json addition_embed_type={embed!r}, text_encoder_2/ {'present' if second else 'absent'}"
+    raise ValueError(f"{path} holds an {ARCHITECTURES[found]} model ({signs}), but adapter={architecture} expects "
+                     f"{ARCHITECTURES[architecture]}; use adapter={found} (experiments {found}_*)")
+
+
+def _unpack_sample(record: dict[str, Any], i: int) -> dict[str, Any]:
+    """The record with a sample-record response (``{"image", "original_size", "crop_top_left"}``) replaced by its
+    image and the sample's SDXL ids lifted onto the record."""
+    response = record.get("response")
+    if response is None:
+        raise ValueError(f"{_label(record, i)}: missing field 'response' (the image)")
+    if not isinstance(response, dict):
+        return record
+    if "image" not in response:
+        raise ValueError(f"{_label(record, i)}: 'response' is a dict without 'image' (fields: {sorted(response)})")
+    return {**record, **{k: response[k] for k in SAMPLE_IDS if k in response}, "response": response["image"]}
 
 
 def _label(record: dict[str, Any], i: int) -> str:
