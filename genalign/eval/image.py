@@ -91,13 +91,18 @@ def mean_reward(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[st
 
 
 @torch.no_grad()
-def prompt_accuracy(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
-    """Fraction of images the digit classifier labels as the digit their prompt names."""
+def prompt_hits(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """``[N]`` bools: does the digit classifier label image i as the digit its prompt names (argmax)?"""
     digits = torch.tensor([parse_digit(p) for p in prompts])
     if len(digits) != len(images):
         raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
     predicted = torch.cat([classifier(chunk).argmax(-1).cpu() for chunk in images.split(batch_size)])
-    return (predicted == digits).float().mean().item()
+    return predicted == digits
+
+
+def prompt_accuracy(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
+    """Fraction of images the digit classifier labels as the digit their prompt names."""
+    return prompt_hits(classifier, images, prompts, batch_size).float().mean().item()
 
 
 def win_rate(scores_new: torch.Tensor, scores_base: torch.Tensor) -> float:
