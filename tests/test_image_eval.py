@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from genalign.data.digits import DigitsDataset, caption
@@ -24,6 +21,7 @@ from genalign.eval.image import (
     win_rate,
 )
 from genalign.rewards.digit_classifier import DigitPromptReward, load_digit_classifier
+from tiny_clip import clip_embeddings_by_hand, write_tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -143,28 +141,7 @@ def test_win_rate_prefers_the_model_that_draws_the_prompted_digit(classifier, he
 # ------------------------------------------------------------------------------------------------ CLIP score
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A randomly initialised CLIP (text + vision towers) saved with a CLIP BPE tokenizer and image processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    symbols = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    vocab.update({s: i + 2 for i, s in enumerate(list(symbols) + [c + "</w>" for c in symbols])})
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    config = CLIPConfig(
-        text_config=dict(small, vocab_size=len(vocab), max_position_embeddings=40, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(small, image_size=32, patch_size=8),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    model = CLIPModel(config).eval()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder, model, tokenizer
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 def test_clip_score_matches_an_independent_computation(tiny_clip):
@@ -173,15 +150,8 @@ def test_clip_score_matches_an_independent_computation(tiny_clip):
     assert isinstance(scorer, RewardScorer)
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     prompts = ["a red cat", "the digit 7", "a drawing of a tree", "two dogs"]
-    # by hand: 8-bit quantisation, CLIP normalisation, tower + projection, cosine
-    pixels = ((images + 1) * 127.5).round() / 255
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-    with torch.no_grad():
-        vision = model.visual_projection(model.vision_model(pixel_values=(pixels - mean) / std).pooler_output)
-        tokens = tokenizer(prompts, padding=True, return_tensors="pt")
-        text = model.text_projection(model.text_model(**tokens).pooler_output)
-    expected = (100 * F.cosine_similarity(vision, text, dim=-1)).clamp(min=0)
+    vision, text = clip_embeddings_by_hand(model, tokenizer, images, prompts)  # quantise, normalise, towers
+    expected = (100 * (vision * text).sum(-1)).clamp(min=0)
     scores = scorer(images, prompts)
     assert scores.shape == (4,)
     assert torch.allclose(scores, expected, atol=1e-3)

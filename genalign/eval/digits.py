@@ -19,7 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from genalign.data.digits import CAPTION_TEMPLATES, DigitsDataset, caption, parse_digit
+from genalign.data.digits import CAPTION_TEMPLATES, DigitsDataset, caption
+from genalign.eval.digits_grid import digit_rows
 from genalign.eval.image import frechet_distance, mean_reward, prompt_accuracy
 from genalign.rewards.digit_classifier import DigitClassifier, DigitPromptReward, load_digit_classifier
 
@@ -101,15 +102,14 @@ def save_sample_grid(
     if images.dim() != 4 or images.shape[1] != 1 or len(images) != len(prompts):
         raise ValueError(f"need grey images [N, 1, H, W] and one prompt each; got shape {tuple(images.shape)} "
                          f"and {len(prompts)} prompts")  # fmt: skip
-    by_digit: dict[int, list[torch.Tensor]] = {}
-    for image, prompt in zip(images.detach().float().cpu(), prompts):
-        by_digit.setdefault(parse_digit(prompt), []).append(image[0])
-    columns = columns if columns is not None else max(len(row) for row in by_digit.values())
+    images = images.detach().float().cpu()
+    by_digit = {d: [images[i, 0] for i in indices] for d, indices in digit_rows(prompts, columns).items()}
+    columns = max(len(row) for row in by_digit.values())
     h, w = images.shape[-2:]
     pad = 1
     canvas = torch.ones(len(by_digit) * (h + pad) + pad, columns * (w + pad) + pad)  # white separators
     for r, digit in enumerate(sorted(by_digit)):
-        for c, image in enumerate(by_digit[digit][:columns]):
+        for c, image in enumerate(by_digit[digit]):
             top, left = pad + r * (h + pad), pad + c * (w + pad)
             canvas[top : top + h, left : left + w] = image.clamp(-1, 1)
     inches_per_pixel = 0.04  # 4 screen pixels per image pixel at dpi 100

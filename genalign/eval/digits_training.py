@@ -1,6 +1,8 @@
 """The digits evaluation protocol as a trainer evaluator: sample the adapter's policy on the protocol's fixed
 prompts and seed, return ``{"reward", "prompt_accuracy", "fid"}`` and write the grid ``samples_<tag>.png``
-(``samples_before.png``, ``samples_after.png``, ``samples_step-N.png``; see :class:`genalign.train.Trainer`).
+(``samples_before.png``, ``samples_after.png``, ``samples_step-N.png``; see :class:`genalign.train.Trainer`), and
+after training ``samples_before_after.png``: the same prompts and noise before | after, each cell framed green / red
+by the classifier (:mod:`genalign.eval.digits_grid`).
 With an EMA (the adapter's ``ema_decay``) the EMA weights are the ones evaluated, as in Diffusion-DPO/-DRO.
 
 With ``cache_dir`` the sampled images are stored under a key made of the evaluated weights, the prompts, the seed
@@ -18,6 +20,7 @@ import torch
 from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.data.row_cache import cache_key, save_atomic
 from genalign.eval.digits import DigitsEvaluator, save_sample_grid
+from genalign.eval.digits_grid import save_before_after_grid
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +60,22 @@ class DigitsTrainingEvaluator:
         with adapter.ema_weights():  # the EMA weights when the adapter keeps an EMA (as the papers evaluate)
             images = self._cached(adapter, lambda: self.protocol.generate(sample_fn))
         if output_dir is not None and tag is not None:
-            save_sample_grid(images, self.protocol.prompts, Path(output_dir) / f"samples_{tag}.png",
-                             columns=self.grid_columns)
+            self._write_grids(images, tag, Path(output_dir))
         return self.protocol.metrics(images)
+
+    def _write_grids(self, images: torch.Tensor, tag: str, output_dir: Path) -> None:
+        """``samples_<tag>.png``; the "before" images are kept as ``samples_before.pt`` (so a resumed run still has
+        them) and the "after" evaluation adds the side-by-side ``samples_before_after.png``."""
+        prompts = self.protocol.prompts
+        save_sample_grid(images, prompts, output_dir / f"samples_{tag}.png", columns=self.grid_columns)
+        before = output_dir / "samples_before.pt"
+        if tag == "before":
+            save_atomic(images, before)
+        elif tag == "after" and before.exists():
+            save_before_after_grid(torch.load(before, weights_only=True), images, prompts, self.protocol.classifier,
+                                   output_dir / "samples_before_after.png", columns=self.grid_columns)
+        elif tag == "after":
+            log.warning("no %s (the run's 'before' evaluation): samples_before_after.png not written", before)
 
     def _cached(self, adapter: ImageDiffusionAdapter, generate: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``generate()``, or the images stored under the same weights, prompts, seed and sampler settings."""

@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from genalign.data.digits import parse_digit
+from genalign.rewards.clip_model import LocalCLIP, check_pairs
 
 
 @runtime_checkable
@@ -91,13 +92,18 @@ def mean_reward(scorer: RewardScorer, images: torch.Tensor, prompts: Sequence[st
 
 
 @torch.no_grad()
-def prompt_accuracy(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
-    """Fraction of images the digit classifier labels as the digit their prompt names."""
+def prompt_hits(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """``[N]`` bools: does the digit classifier label image i as the digit its prompt names (argmax)?"""
     digits = torch.tensor([parse_digit(p) for p in prompts])
     if len(digits) != len(images):
         raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
     predicted = torch.cat([classifier(chunk).argmax(-1).cpu() for chunk in images.split(batch_size)])
-    return (predicted == digits).float().mean().item()
+    return predicted == digits
+
+
+def prompt_accuracy(classifier: nn.Module, images: torch.Tensor, prompts: Sequence[str], batch_size: int = 256) -> float:
+    """Fraction of images the digit classifier labels as the digit their prompt names."""
+    return prompt_hits(classifier, images, prompts, batch_size).float().mean().item()
 
 
 def win_rate(scores_new: torch.Tensor, scores_base: torch.Tensor) -> float:
@@ -124,27 +130,10 @@ class ClipScorer:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
-
-        if not Path(path).is_dir():
-            raise FileNotFoundError(f"CLIP folder {path} does not exist; pass a local folder saved by save_pretrained")
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).to(device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-        self.device = torch.device(device)
+        self.clip = LocalCLIP(path, "CLIP", device=device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        if images.dim() != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected images [N, 1 or 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
-        if len(images) != len(prompts):
-            raise ValueError(f"need one prompt per image: {len(images)} images, {len(prompts)} prompts")
-        pixels = ((images.expand(-1, 3, -1, -1).float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-        pixel_values = self.processor(images=list(pixels), return_tensors="pt")["pixel_values"]
-        text = self.tokenizer(
-            list(prompts), padding=True, truncation=True,
-            max_length=self.model.config.text_config.max_position_embeddings, return_tensors="pt",
-        )  # fmt: skip
-        out = self.model(pixel_values=pixel_values.to(self.device), **text.to(self.device))
-        cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both embeddings come back L2-normalised
-        return (100 * cosine).clamp(min=0).cpu()
+        check_pairs(images, prompts)
+        cosine = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
+        return (100 * cosine).clamp(min=0).float().cpu()
