@@ -324,17 +324,16 @@ class OfficialMDM(nn.Module):
         mask: torch.Tensor | None = None,
         scale: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``uncond + s·(cond − uncond)``; ``s`` defaults to ``guidance_param`` (one value or one per sample)."""
+        """``uncond + s·(cond − uncond)``; ``s`` defaults to ``guidance_param`` (one value or one per sample). Two
+        calls, as ``ClassifierFreeSampleModel``: the official GRU (a ``batch_first`` GRU fed sequence-first tensors)
+        mixes the samples of a batch, so one doubled batch would not be the official output."""
         if self.config.cond_mask_prob <= 0:
             raise ValueError("classifier-free guidance needs a model trained with condition masking (cond_mask_prob > 0)")
         batch = x_t.shape[0]
         scale = self.config.guidance_param if scale is None else scale
         scale = torch.as_tensor(scale, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1, 1)
-        timesteps = torch.as_tensor(timesteps, device=x_t.device).reshape(-1).expand(batch)
-        drop = torch.arange(2 * batch, device=x_t.device) >= batch
-        both = self(x_t.repeat(2, 1, 1), timesteps.repeat(2), cond.repeat(2, 1),
-                    None if mask is None else mask.repeat(2, 1), drop)
-        conditional, unconditional = both.split(batch)
+        conditional = self(x_t, timesteps, cond, mask)
+        unconditional = self(x_t, timesteps, cond, mask, torch.ones(batch, dtype=torch.bool, device=x_t.device))
         return unconditional + scale * (conditional - unconditional)
 
     def _text_features(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
