@@ -217,9 +217,11 @@ def test_official_checkpoint_loads_and_matches_the_official_forward(tmp_path, ar
         assert (a[:, :8] - b[:, :8]).abs().max() > 1e-3
 
 
-def test_mask_frames_hides_padded_frames_in_the_decoder_with_the_time_token(tmp_path):
-    state, args = random_official_state("trans_dec", CLIP_DIM), official_args(arch="trans_dec", emb_trans_dec=True,
-                                                                               mask_frames=True, diffusion_steps=50)
+@pytest.mark.parametrize("arch", ["trans_enc", "trans_dec"])
+def test_mask_frames_hides_padded_frames(tmp_path, arch):
+    """--mask_frames models: padded frames are keys no real frame attends to (the time token never masked)."""
+    state = random_official_state(arch, CLIP_DIM)
+    args = official_args(arch=arch, emb_trans_dec=arch == "trans_dec", mask_frames=True, diffusion_steps=50)
     model = load_official_mdm(save_official(tmp_path / "save", state, args)).eval()
     x, t, text = inputs()
     t = torch.tensor([0, 17, 49])
@@ -255,6 +257,21 @@ def test_distilbert_variant_attends_to_the_caption_tokens_only(tmp_path):
             want = reference_forward(state, args, x, t, states.transpose(0, 1), uncond=uncond, frame_mask=real,
                                      text_pad=~valid)
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    state, args = random_official_state("trans_enc", CLIP_DIM), official_args(mask_frames=True)
+    model = load_official_mdm(save_official(tmp_path / "save", state, args)).train()
+    x, t, text = inputs()
+    motion, mask = x.squeeze(2).transpose(1, 2), torch.arange(12) < torch.tensor([12, 8, 5])[:, None]
+    grads = []
+    for enabled in (False, True):
+        model.gradient_checkpointing = enabled
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout draws (checkpoint replays the RNG state when recomputing)
+        model(motion, t, text, mask).square().mean().backward()
+        grads.append(model.input_process.poseEmbedding.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)  # same ops recomputed
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -298,6 +315,38 @@ def test_adapter_uses_the_official_schedule_padding_and_text_encoder(tmp_path):
                              generator=torch.Generator().manual_seed(0))
     assert samples["motion"].shape == (2, 196, D) and samples["mask"].sum(1).tolist() == [40, 40]
     assert samples["motion"][:, 40:].abs().max() == 0
+
+
+def test_ancestral_sampling_is_the_official_p_sample_loop_with_guidance(tmp_path):
+    """A 50-step model sampled with adapter.sample(scheduler='ddpm', 50 steps) equals the official p_sample_loop
+    written out (x0 prediction, q_posterior mean, FIXED_SMALL variance, no noise at t = 0) on the same draws."""
+    state = random_official_state("trans_enc", CLIP_DIM)
+    args = official_args(diffusion_steps=50, mask_frames=True)
+    clip_dir = tiny_clip(tmp_path / "clip", CLIP_DIM)
+    adapter = load_official_adapter(save_official(tmp_path / "save", state, args), str(clip_dir))
+    assert adapter.pad_frames is None  # mask_frames models see their real frames only
+    lengths = [40, 28]
+    out = adapter.sample(["a man walks", "jump"], lengths=lengths, num_inference_steps=50, scheduler="ddpm",
+                         guidance_scale=2.5, generator=torch.Generator().manual_seed(3))
+    betas = mdm_official.official_betas("cosine", 50)
+    ab = np.cumprod(1 - betas)
+    ab_prev = np.append(1.0, ab[:-1])
+    coef_x0, coef_xt = betas * np.sqrt(ab_prev) / (1 - ab), (1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab)
+    variance = betas * (1 - ab_prev) / (1 - ab)
+    model = adapter.policy.eval()
+    cond = adapter.encode_captions(["a man walks", "jump"])
+    mask = torch.arange(40) < torch.tensor(lengths)[:, None]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 40, D, generator=gen)
+    with torch.no_grad():
+        for t in range(49, -1, -1):
+            x0 = model.guided(x, torch.full((2,), t), cond, mask, 2.5)
+            x = float(coef_x0[t]) * x0 + float(coef_xt[t]) * x
+            if t > 0:
+                x = x + math.sqrt(variance[t]) * torch.randn(x.shape, generator=gen)
+    # float32 scheduler coefficients vs float64 ones here, compounded over 50 steps through the network
+    torch.testing.assert_close(out["motion"], x * mask.unsqueeze(-1), atol=1e-3, rtol=1e-3)
+    assert (out["motion"] - x * mask.unsqueeze(-1)).abs().mean() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------- CLIP text features
@@ -355,6 +404,37 @@ def test_clip_text_features_equal_openai_encode_text_with_mdm_truncation(tmp_pat
         with torch.no_grad():
             torch.testing.assert_close(row, openai_encode_text(model, ids), atol=1e-5, rtol=1e-5)
     assert len(tokenizer(captions[1])["input_ids"]) > 22
+
+
+def tiny_distilbert(folder: Path):
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "man", "walks", "forward", "jumps", "the", "person"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    DistilBertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = DistilBertModel(DistilBertConfig(vocab_size=len(words), dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+                                             max_position_embeddings=32)).eval()
+    model.save_pretrained(folder)
+    return DistilBertTokenizer.from_pretrained(folder), model
+
+
+def test_distilbert_encoder_packs_the_caption_token_states_and_mask(tmp_path):
+    tokenizer, model = tiny_distilbert(tmp_path / "bert")
+    encoder = mdm_official.DistilBertTextEncoder(tmp_path / "bert", max_text_tokens=8)
+    assert encoder.dim == 8 * 17
+    captions = ["a man walks forward", "the person jumps"]
+    packed = encoder(captions)
+    states, valid = mdm_official.unpack_token_states(packed, 8, 16)
+    for caption, row_states, row_valid in zip(captions, states, valid):
+        enc = tokenizer(caption, return_tensors="pt")  # alone, unpadded: what the official BERT wrapper attends to
+        n = enc["input_ids"].shape[1]
+        with torch.no_grad():
+            torch.testing.assert_close(row_states[:n], model(**enc).last_hidden_state[0], atol=1e-5, rtol=1e-5)
+        assert row_valid.tolist() == [True] * n + [False] * (8 - n) and row_states[n:].abs().max() == 0
+    with pytest.raises(ValueError, match="has 11 DistilBERT tokens, more than max_text_tokens=8"):
+        encoder(["a man walks forward a man walks forward a"])
 
 
 # ------------------------------------------------------------------------------------------- errors

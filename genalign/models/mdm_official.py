@@ -48,6 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
 from genalign.models.mdm import _without_fused_inference
@@ -236,6 +237,7 @@ class OfficialMDM(nn.Module):
         self.embed_text = nn.Linear(config.text_dim, d)
         self.output_process = OutputProcess(feats, d)
         self.register_buffer("null_cond", self._null_condition(), persistent=False)
+        self.gradient_checkpointing = False
 
     def _null_condition(self) -> torch.Tensor:
         """The condition of an unconditional sample: a zero text feature (DistilBERT: zero states under the mask of
@@ -251,7 +253,10 @@ class OfficialMDM(nn.Module):
         return "sample"
 
     def gradient_checkpointing_enable(self) -> None:
-        raise ValueError("the official MDM has no gradient checkpointing switch here; set train.gradient_checkpointing=false")
+        """Recompute each transformer layer's activations in the backward pass (less memory, more compute)."""
+        if self.config.arch == "gru":
+            raise ValueError("gradient checkpointing covers the transformer variants; set train.gradient_checkpointing=false")
+        self.gradient_checkpointing = True
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -289,15 +294,24 @@ class OfficialMDM(nn.Module):
         if cfg.arch == "trans_enc":
             xseq = self.sequence_pos_encoder(torch.cat([emb, x], dim=0))
             with _without_fused_inference():  # keeps LoRA layers in the path in eval mode
-                out = self.seqTransEncoder(xseq, src_key_padding_mask=frames_pad)[1:]
+                out = self._layers(self.seqTransEncoder, xseq, src_key_padding_mask=frames_pad)[1:]
         elif cfg.arch == "trans_dec":
             xseq = self.sequence_pos_encoder(torch.cat([time_emb, x], dim=0) if cfg.emb_trans_dec else x)
-            out = self.seqTransDecoder(tgt=xseq, memory=emb, tgt_key_padding_mask=frames_pad,
-                                       memory_key_padding_mask=text_pad)
+            out = self._layers(self.seqTransDecoder, xseq, emb, tgt_key_padding_mask=frames_pad,
+                               memory_key_padding_mask=text_pad)
             out = out[1:] if cfg.emb_trans_dec else out
         else:
             out, _ = self.gru(self.sequence_pos_encoder(x))  # batch_first=True on a sequence-first input, as official
         return self.output_process(out).transpose(0, 1)
+
+    def _layers(self, stack: nn.Module, hidden: torch.Tensor, *memory: torch.Tensor, **masks) -> torch.Tensor:
+        """The encoder / decoder stack (no final norm in MDM), one checkpointed call per layer when enabled."""
+        for layer in stack.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, *memory, use_reentrant=False, **masks)
+            else:
+                hidden = layer(hidden, *memory, **masks)
+        return hidden
 
     def official_forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: dict[str, Any]) -> torch.Tensor:
         """The official call: ``x [B, D, 1, T]``, ``y = {"text_embed": [B, cond_dim] (CLIP: also [1, B, 512]),
