@@ -57,6 +57,11 @@ class MotionAdapter(Adapter, DiffusionSampling):
         cond_drop_prob: fraction of groups scored with the null condition while the policy trains (default: the
             model's ``cond_drop_prob``, 0.1 as MDM).
         num_train_timesteps / beta_schedule: the DDPM training schedule (MDM: 1000 steps, cosine).
+        trained_betas: explicit betas ``[num_train_timesteps]`` instead of ``beta_schedule`` (the official MDM's
+            schedule, :func:`genalign.models.mdm_official.official_betas`).
+        pad_frames: pad every batch (collated rows, samples, trajectories) to at least this many frames: a model
+            trained on motions padded to a fixed length without frame masking (the official MDM without
+            ``mask_frames``: 196) then sees padded frames as in training; scores still count real frames only.
         timestep_range: ``(lo, hi)``: timesteps are drawn uniformly from ``lo … hi−1`` (default all).
         disable_dropout: set every dropout of the policy to 0 (as TRL's DPO trainer does), so the policy and the
             reference agree exactly at initialisation and scores carry no dropout noise.
@@ -66,7 +71,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
 
     def __init__(
         self,
-        model: MotionDenoiser | str | Path,
+        model: nn.Module | str | Path,
         text: Callable[[list[str]], torch.Tensor] | None = None,
         *,
         reference: str | None = None,
@@ -76,8 +81,10 @@ class MotionAdapter(Adapter, DiffusionSampling):
         beta_schedule: str = "squaredcos_cap_v2",
         timestep_range: tuple[int, int] | None = None,
         disable_dropout: bool = True,
+        trained_betas: Sequence[float] | None = None,
+        pad_frames: int | None = None,
     ):
-        if not isinstance(model, MotionDenoiser):
+        if isinstance(model, (str, Path)):
             model = MotionDenoiser.from_pretrained(model)
         self.config = model.config
         reference = reference or ("lora" if lora is not None else "copy")
@@ -95,7 +102,11 @@ class MotionAdapter(Adapter, DiffusionSampling):
             beta_schedule=beta_schedule,
             prediction_type=self.config.prediction_type,
             clip_sample=False,  # normalised motion features are not bounded to [-1, 1]
+            trained_betas=None if trained_betas is None else list(trained_betas),
         )
+        if pad_frames is not None and not 1 <= pad_frames <= self.config.max_frames:
+            raise ValueError(f"pad_frames={pad_frames} must be in [1, {self.config.max_frames}] (the model's max_frames)")
+        self.pad_frames = pad_frames
         lo, hi = timestep_range if timestep_range is not None else (0, num_train_timesteps)
         if not 0 <= lo < hi <= num_train_timesteps:
             raise ValueError(f"timestep_range {(lo, hi)} must satisfy 0 <= lo < hi <= {num_train_timesteps}")
@@ -148,7 +159,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
                 raise ValueError(f"{label}: missing field 'response' (a normalised motion [T, {self.config.feature_dim}])")
             prompts.append(prompt)
             motions.append(self._motion_tensor(record["response"], label))
-        return {**pad_motions(motions), "cond": self.encode_captions(prompts), "prompt": prompts}
+        return {**pad_motions(motions, self.pad_frames), "cond": self.encode_captions(prompts), "prompt": prompts}
 
     def _motion_tensor(self, motion: Any, label: str) -> torch.Tensor:
         if isinstance(motion, np.ndarray):
@@ -295,7 +306,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
         prompts = [p for p in prompts for _ in range(num_samples)]
         device = next(self.unwrapped_policy.parameters()).device
         cond = self.encode_captions(prompts).to(device)
-        n, frames = len(prompts), int(frame_counts.max())
+        n, frames = len(prompts), max(int(frame_counts.max()), self.pad_frames or 0)
         mask = (torch.arange(frames) < frame_counts.unsqueeze(1)).to(device)
         groups = sampler_groups(scheduler, self.noise_scheduler.config, n, device, num_inference_steps, timesteps)
         x = sampler_start(groups, (n, frames, self.config.feature_dim), generator, device, start)
@@ -336,7 +347,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
         device = next(self.unwrapped_policy.parameters()).device
         noise = randn_tensor((n, self.config.max_frames, self.config.feature_dim), generator=generator, device=device)
         out = self.sample(prompts, num_samples, generator=generator, lengths=lengths, timesteps=timesteps,
-                          start=noise[:, : int(lengths.max())], guidance_scale=guidance_scale, scheduler=scheduler,
+                          start=noise[:, : max(int(lengths.max()), self.pad_frames or 0)], guidance_scale=guidance_scale, scheduler=scheduler,
                           return_trajectory=True, null_condition=[p == "" for p in prompts])
         return {"cond": out["cond"], "mask": out["mask"]}, out["trajectory"]
 
@@ -386,10 +397,13 @@ class MotionAdapter(Adapter, DiffusionSampling):
             policy.save_pretrained(directory)
 
 
-def pad_motions(motions: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{"motion": [N, T_max, D] zero-padded, "mask": bool [N, T_max]}`` from motions ``[T_i, D]``."""
+def pad_motions(motions: Sequence[torch.Tensor], min_frames: int | None = None) -> dict[str, torch.Tensor]:
+    """``{"motion": [N, T_max, D] zero-padded, "mask": bool [N, T_max]}`` from motions ``[T_i, D]``; T_max is at
+    least ``min_frames`` when given."""
     lengths = torch.tensor([len(m) for m in motions])
     motion = nn.utils.rnn.pad_sequence(list(motions), batch_first=True)
+    if min_frames is not None and motion.shape[1] < min_frames:
+        motion = nn.functional.pad(motion, (0, 0, 0, min_frames - motion.shape[1]))
     return {"motion": motion, "mask": torch.arange(motion.shape[1]) < lengths.unsqueeze(1)}
 
 

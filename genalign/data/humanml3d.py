@@ -169,14 +169,19 @@ class HumanML3DDataset(Dataset):
         path = self.root / f"{self.split}.txt"
         if not path.exists():
             found = sorted(p.name for p in self.root.glob("*.txt"))
-            raise FileNotFoundError(f"{path} not found: expected one motion id a line (split files here: {found})")
+            raise FileNotFoundError(f"{path} not found: expected one motion id a line (split files here: {found}); the "
+                                    f"HumanML3D release has train.txt, val.txt and test.txt in its root: copy them "
+                                    f"into {self.root}")
         return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def _frames(self, motion_id: str) -> int:
         path = _require(self.motion_dir / f"{motion_id}.npy", f"the features of motion {motion_id!r}")
         shape = np.load(path, mmap_mode="r").shape
         if len(shape) != 2 or shape[1] != self.dim:
-            raise ValueError(f"{path}: expected features of shape [T, {self.dim}] ({self.layout.name}), got {shape}")
+            raise ValueError(f"{path}: expected features of shape [T, {self.dim}] ({self.layout.name}), got {shape}; "
+                             f"new_joint_vecs/ must hold the features of the HumanML3D repository's motion "
+                             f"representation (263 values a frame for HumanML3D, 251 for KIT-ML with layout='kit'): "
+                             f"re-export this motion or remove {motion_id!r} from {self.split}.txt")
         return shape[0]
 
     def _fits(self, frames: int, kind: str) -> bool:

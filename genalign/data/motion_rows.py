@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from genalign.adapters.motion import MotionAdapter, pad_motions
-from genalign.data.humanml3d import HumanML3DDataset
+from genalign.data.humanml3d import MAX_FRAMES, MAX_LENGTH, UNIT_LENGTH, HumanML3DDataset
 from genalign.data.row_cache import cached_rows
 from genalign.data.synthetic_motion import ensure_dataset
 from genalign.models.t2m_evaluator import TextMotionEvaluator
@@ -49,12 +49,23 @@ def synthetic_motion_root() -> Path:
     return ensure_dataset(Path(os.environ.get("GENALIGN_ASSETS", REPO_ROOT / "assets")) / "synthetic-motion")
 
 
-def demonstration_rows(root: str | Path, split: str = "train", *, limit: int | None = None) -> Rows:
+def demonstration_rows(
+    root: str | Path,
+    split: str = "train",
+    *,
+    limit: int | None = None,
+    min_length: int | None = None,
+    max_frames: int = MAX_FRAMES,
+    max_length: int = MAX_LENGTH,
+    unit_length: int = UNIT_LENGTH,
+) -> Rows:
     """One row ``{"prompt", "response", "motion_id", "row"}`` per caption of every clip of ``split`` (clip order,
-    then caption order); ``response`` is the clip's normalised features cut to a multiple of 4 frames (HumanML3D
-    protocol). Clips the length rules drop are counted and logged by :class:`HumanML3DDataset`; NaN/inf frames
-    raise naming the file."""
-    dataset = HumanML3DDataset(root, split, random_crop=False)
+    then caption order); ``response`` is the clip's normalised features cut to a multiple of ``unit_length`` (4)
+    frames (HumanML3D protocol). The length rules (``min_length <= T < max_frames``, at most ``max_length`` frames;
+    defaults: the protocol's 40 / 200 / 196) are :class:`HumanML3DDataset`'s, which counts and logs what they drop;
+    NaN/inf frames raise naming the file."""
+    dataset = HumanML3DDataset(root, split, random_crop=False, min_length=min_length, max_frames=max_frames,
+                               max_length=max_length, unit_length=unit_length)
     rows: Rows = []
     for index, clip in enumerate(dataset.clips):
         item = dataset[index]
