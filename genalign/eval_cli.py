@@ -11,7 +11,7 @@ import importlib
 from typing import Sequence
 
 #: modules holding one subcommand each
-SUBCOMMANDS: tuple[str, ...] = ("genalign.eval.text_cli",)
+SUBCOMMANDS: tuple[str, ...] = ("genalign.eval.text_cli", "genalign.eval.image_cli", "genalign.eval.motion_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

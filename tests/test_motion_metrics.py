@@ -182,3 +182,157 @@ def test_bad_embeddings_raise():
         mm_dist(np.zeros((64, 4)), bad)
     with pytest.raises(ValueError, match="at least batch_size=32"):
         r_precision(np.zeros((10, 4)), np.zeros((10, 4)))
+
+
+# --------------------------------------------------------------------------- the official formulas, re-done here
+def official_matching(text, motion, batch_size=32):
+    """evaluate_matching_score of the official script: per loader batch (drop_last) the distance matrix by the
+    expansion -2ab + |a|^2 + |b|^2, argsort per text, top-k as the running OR of 'column i is the text's own
+    motion', and the matching score as the summed trace over the number of rows."""
+    top_k_count, trace, size = np.zeros(3), 0.0, 0
+    for start in range(0, len(text) // batch_size * batch_size, batch_size):
+        a, b = text[start : start + batch_size], motion[start : start + batch_size]
+        dist = np.sqrt(-2 * a @ b.T + (a**2).sum(1, keepdims=True) + (b**2).sum(1))
+        order = np.argsort(dist, axis=1)
+        own = order == np.arange(batch_size)[:, None]
+        top_k_count += np.stack([own[:, : k + 1].any(1) for k in range(3)], 1).sum(0)
+        trace += np.trace(dist)
+        size += batch_size
+    return top_k_count / size, trace / size
+
+
+def test_metrics_equal_the_official_formulas():
+    rng = np.random.default_rng(12)
+    text = rng.normal(size=(100, 16))
+    motion = text + rng.normal(scale=1.5, size=(100, 16))
+    real = rng.normal(size=(150, 16)) @ rng.normal(size=(16, 16)) * 0.3 + 0.2
+    top, score = official_matching(text, motion)
+    # float64 throughout; the expansion form of the distance differs from the direct one by ~1e-15
+    np.testing.assert_allclose(r_precision(text, motion), top, atol=1e-12)
+    assert mm_dist(text[:96], motion[:96]) == pytest.approx(score, rel=1e-10)
+    mu_r, mu_g = real.mean(0), motion.mean(0)
+    cov_r, cov_g = np.cov(real, rowvar=False), np.cov(motion, rowvar=False)
+    from scipy import linalg
+
+    official_fid = (mu_r - mu_g) @ (mu_r - mu_g) + np.trace(cov_r) + np.trace(cov_g) - 2 * np.trace(linalg.sqrtm(cov_r @ cov_g).real)
+    assert fid(real, motion) == pytest.approx(official_fid, rel=1e-8)
+    # Diversity / MultiModality: np.random.choice(N, times, replace=False) twice, mean row distance
+    draws = np.random.default_rng(4)
+    first, second = draws.choice(150, 100, replace=False), draws.choice(150, 100, replace=False)
+    assert diversity(real, 100, generator=4) == pytest.approx(np.linalg.norm(real[first] - real[second], axis=1).mean())
+
+
+# ------------------------------------------------------------------------------------------ the replicated protocol
+from t2m_synthetic import ACTIONS, DIRECTIONS, TINY, class_motion, write_synthetic_humanml3d  # noqa: E402
+from test_t2m_evaluator import write_glove  # noqa: E402
+
+from genalign.eval.motion_protocol import MotionProtocol, ProtocolTestSet, folder_motions  # noqa: E402
+from genalign.models.t2m_evaluator import EvaluatorConfig, TextMotionEvaluator  # noqa: E402
+from genalign.models.word_vectors import GloVeVectors  # noqa: E402
+
+WORDS = ["unk", "sos", "eos", "a", "person", "the", "man", "woman", "someone", *ACTIONS, *DIRECTIONS]
+LENGTHS = dict(max_frames=64, max_length=60)
+
+
+@pytest.fixture(scope="module")
+def protocol_setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("protocol")
+    root = write_synthetic_humanml3d(tmp / "data", {"test": 2}, max_frames=64)  # 48 clips
+    write_glove(tmp / "glove", WORDS, 8)
+    torch.manual_seed(0)
+    evaluator = TextMotionEvaluator(EvaluatorConfig(**TINY, word_dim=8, max_motion_length=60),
+                                    word_vectors=GloVeVectors(tmp / "glove")).eval()
+    test_set = ProtocolTestSet(root, **LENGTHS)
+    evaluator.set_statistics(test_set.dataset.mean, test_set.dataset.std)
+    return root, evaluator, test_set
+
+
+def class_generator(noise: float, calls: list):
+    """Motions of the caption's class plus seed-dependent noise; records each call."""
+
+    def generate(captions, lengths, seed):
+        calls.append((list(captions), list(lengths), seed))
+        rng = np.random.default_rng(seed)
+        out = []
+        for caption, length in zip(captions, lengths):
+            words = caption.split()
+            a, d = ACTIONS.index(words[-2][:-1]), DIRECTIONS.index(words[-1])
+            out.append(class_motion(a, d, length, rng) + noise * rng.normal(size=(length, 263)).astype(np.float32))
+        return out
+
+    return generate
+
+
+def test_protocol_regenerates_every_replication_and_reports_the_interval(protocol_setup):
+    _, evaluator, test_set = protocol_setup
+    calls = []
+    protocol = MotionProtocol(evaluator, test_set, replications=4, seed=10, diversity_pairs=20)
+    assert protocol.num_samples == 32  # 1000 // 32 + 1 batches, capped at the 48 clips' one whole batch
+    result = protocol.run(class_generator(0.5, calls))
+    assert [seed for _, _, seed in calls] == [10, 11, 12, 13]  # a new generation per replication
+    for r, (captions, lengths, seed) in enumerate(calls):
+        rows = test_set.draw(seed)
+        assert captions == [row.caption for row in rows[:32]] and lengths == [row.length for row in rows[:32]]
+        assert all(length % 4 == 0 for length in lengths)
+        # MM-Dist and FID do not depend on the batch order: recompute them from the evaluator directly
+        gen = class_generator(0.5, [])(captions, lengths, seed)
+        gen_emb = protocol.embed_motions(gen, lengths)
+        real_emb = protocol.embed_motions([row.motion for row in rows], [row.length for row in rows])
+        text_emb = evaluator.encode_text([list(row.tokens) for row in rows[:32]]).detach().numpy()
+        assert result.generated["mm_dist"].values[r] == pytest.approx(np.linalg.norm(text_emb - gen_emb, axis=1).mean(), rel=1e-6)
+        assert result.generated["fid"].values[r] == pytest.approx(fid(real_emb, gen_emb), rel=1e-6)
+    fids = np.array(result.generated["fid"].values)
+    assert fids.std() > 0  # regenerated motions differ between replications
+    assert result.generated["fid"].half_width == pytest.approx(1.96 * fids.std() / 2)  # sqrt(4)
+    assert result.to_json()["protocol"] == {"replications": 4, "num_samples": 32, "regenerated": True}
+
+
+def test_a_generator_returning_the_real_crops_scores_as_the_ground_truth(protocol_setup):
+    _, evaluator, test_set = protocol_setup
+    def real(captions, lengths, seed):
+        return [row.motion for row in test_set.draw(seed)[: len(captions)]]
+
+    result = MotionProtocol(evaluator, test_set, replications=2, diversity_pairs=20).run(real)
+    for name in ("r_precision_top1", "r_precision_top3", "mm_dist", "fid", "diversity"):
+        np.testing.assert_allclose(result.generated[name].values, result.ground_truth[name].values, rtol=1e-6)
+
+
+def test_multimodality_grows_with_the_generations_spread(protocol_setup):
+    _, evaluator, test_set = protocol_setup
+    values = []
+    for noise in (0.2, 2.0):
+        calls = []
+        protocol = MotionProtocol(evaluator, test_set, replications=2, diversity_pairs=20, mm_captions=5,
+                                  mm_generations=6, mm_pairs=3)
+        values.append(protocol.run(class_generator(noise, calls)).generated["multimodality"].mean)
+        mm_captions = calls[1][0]  # replication 0: the main generation, then the MultiModality one
+        assert len(mm_captions) == 30 and all(mm_captions[i] == mm_captions[i - i % 6] for i in range(30))
+    assert values[1] > 1.2 * values[0] > 0  # the class pattern and its 0.5 noise stay; only the extra noise grows
+
+
+def test_fixed_motions_from_a_folder_and_bad_inputs(protocol_setup, tmp_path):
+    root, evaluator, test_set = protocol_setup
+    folder = tmp_path / "generated"
+    folder.mkdir()
+    for motion_id in test_set.ids[:-1]:
+        np.save(folder / f"{motion_id}.npy", np.load(root / "new_joint_vecs" / f"{motion_id}.npy"))
+    protocol = MotionProtocol(evaluator, test_set, replications=2, diversity_pairs=20)
+    with pytest.raises(ValueError, match=f"no generated motion for 1 test clips, e.g. \\['{test_set.ids[-1]}'\\]"):
+        protocol.run(motions=folder_motions(folder, test_set.ids, 263))
+    np.save(folder / f"{test_set.ids[-1]}.npy", np.load(root / "new_joint_vecs" / f"{test_set.ids[-1]}.npy"))
+    result = protocol.run(motions=folder_motions(folder, test_set.ids, 263))
+    assert result.regenerated is False and result.generated["mm_dist"].mean > 0
+    np.save(folder / "bad.npy", np.zeros((10, 251)))
+    with pytest.raises(ValueError, match=r"bad.npy: expected finite un-normalised features \[T >= 4, 263\]"):
+        folder_motions(folder, ["bad"], 263)
+    text = root / "texts" / f"{test_set.ids[0]}.txt"
+    lines = text.read_text().splitlines()
+    original = text.read_text()
+    text.write_text(lines[0] + "\n" + "a man walks left#a man walks left#0.0#0.0\n")
+    try:
+        with pytest.raises(ValueError, match=f"{text}:2: caption 'a man walks left' has no POS tags"):
+            ProtocolTestSet(root, **LENGTHS)
+    finally:
+        text.write_text(original)
+    with pytest.raises(ValueError, match="Diversity draws 300 pairs from 32 generated motions"):
+        MotionProtocol(evaluator, test_set)

@@ -8,7 +8,7 @@ import torch
 from t2m_synthetic import TINY, trained_setup, write_synthetic_humanml3d
 
 from genalign.eval.motion import r_precision
-from genalign.models.t2m_evaluator import EvaluatorConfig, TextMotionEvaluator
+from genalign.models.t2m_evaluator import EvaluatorConfig, TextMotionEvaluator, load_evaluator
 from genalign.data.humanml3d import HumanML3DDataset
 from genalign.models.t2m_training import contrastive_loss, train_evaluator
 from genalign.models.word_vectors import POS_CATEGORIES, GloVeVectors, WordVectorizer, caption_tokens
@@ -58,13 +58,6 @@ def write_glove(folder, words, dim, seed=0):
 VOCAB = ["unk", "sos", "eos", "a", "person", "walk", "quickly", "forward", "jump", "the", "man"]
 
 
-def fake_official_checkpoint(path):
-    torch.manual_seed(1)
-    state = {name: {k: torch.randn(shape) for k, shape in keys.items()} for name, keys in official_shapes().items()}
-    torch.save({**state, "epoch": 12, "iter": 3400}, path)
-    return state
-
-
 def test_module_layout_matches_the_official_keys_and_shapes():
     evaluator = TextMotionEvaluator()
     for name, expected in official_shapes().items():
@@ -72,16 +65,145 @@ def test_module_layout_matches_the_official_keys_and_shapes():
         assert own == expected, name
 
 
-def test_official_checkpoint_loads_and_encodes_with_glove(tmp_path):
+def fake_official_checkpoint(path):
+    """Random state dicts at the published shapes (fan-in scaled, as trained weights are), saved as
+    TextMotionMatchTrainer.save does: the three encoders, the two Adam states, epoch and iter."""
+    torch.manual_seed(1)
+
+    def draw(key, shape):
+        fan_in = shape[1] * (shape[2] if len(shape) == 3 else 1) if len(shape) > 1 else shape[0]
+        return torch.randn(shape) / fan_in**0.5 + (1.0 if key.endswith("output_net.1.weight") else 0.0)
+
+    state = {name: {k: draw(k, shape) for k, shape in keys.items()} for name, keys in official_shapes().items()}
+    optimizers = {}
+    for name in ("text_encoder", "motion_encoder"):
+        params = [torch.nn.Parameter(v.clone()) for v in state[name].values()]
+        adam = torch.optim.Adam(params, lr=1e-4)
+        sum((p**2).sum() for p in params).backward()
+        adam.step()
+        optimizers[f"opt_{name}"] = adam.state_dict()
+    torch.save({**state, **optimizers, "epoch": 12, "iter": 3400}, path)
+    return state
+
+
+def official_gru_last(inputs, weights, length, reverse):
+    """The final state of one direction of a 1-layer GRU run over the first ``length`` steps, written from the GRU
+    equations (gates r, z, n in PyTorch's row order), starting from ``weights['hidden'][1 if reverse else 0]``."""
+    suffix = "_reverse" if reverse else ""
+    w_ih, w_hh = weights[f"gru.weight_ih_l0{suffix}"], weights[f"gru.weight_hh_l0{suffix}"]
+    b_ih, b_hh = weights[f"gru.bias_ih_l0{suffix}"], weights[f"gru.bias_hh_l0{suffix}"]
+    h = weights["hidden"][1 if reverse else 0, 0]
+    size = len(h)
+    for t in range(length - 1, -1, -1) if reverse else range(length):
+        gi, gh = inputs[t] @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+        r = torch.sigmoid(gi[:size] + gh[:size])
+        z = torch.sigmoid(gi[size : 2 * size] + gh[size : 2 * size])
+        n = torch.tanh(gi[2 * size :] + r * gh[2 * size :])
+        h = (1 - z) * n + z * h
+    return h
+
+
+def official_head(weights, inputs, length):
+    """input_emb -> bidirectional GRU over ``length`` steps -> output_net (Linear, LayerNorm, LeakyReLU, Linear)."""
+    F = torch.nn.functional
+    x = inputs @ weights["input_emb.weight"].T + weights["input_emb.bias"]
+    last = torch.cat([official_gru_last(x, weights, length, False), official_gru_last(x, weights, length, True)])
+    y = last @ weights["output_net.0.weight"].T + weights["output_net.0.bias"]
+    y = F.leaky_relu(F.layer_norm(y, y.shape, weights["output_net.1.weight"], weights["output_net.1.bias"]), 0.2)
+    return y @ weights["output_net.3.weight"].T + weights["output_net.3.bias"]
+
+
+def official_co_embeddings(state, word_embs, pos_ohot, cap_lens, motions, m_lens, unit_length=4):
+    """EvaluatorModelWrapper.get_co_embeddings re-done: rows re-ordered by motion length, longest first (the
+    official wrapper returns them in that order), movement encoder on the 196-frame inputs without the foot
+    contacts, ``m_lens // unit_length`` tokens into the motion GRU, caption lengths into the text GRU."""
+    F = torch.nn.functional
+    align = np.argsort(m_lens.tolist())[::-1].copy()
+    mov, txt = state["movement_encoder"], state["text_encoder"]
+    text_out, motion_out = [], []
+    for i in align:
+        x = motions[i, :, :-4].T[None]
+        x = F.leaky_relu(F.conv1d(x, mov["main.0.weight"], mov["main.0.bias"], 2, 1), 0.2)
+        x = F.leaky_relu(F.conv1d(x, mov["main.3.weight"], mov["main.3.bias"], 2, 1), 0.2)
+        tokens = x[0].T @ mov["out_net.weight"].T + mov["out_net.bias"]
+        motion_out.append(official_head(state["motion_encoder"], tokens, int(m_lens[i]) // unit_length))
+        words = word_embs[i] + pos_ohot[i] @ txt["pos_emb.weight"].T + txt["pos_emb.bias"]
+        text_out.append(official_head(txt, words, int(cap_lens[i])))
+    return align, torch.stack(text_out), torch.stack(motion_out)
+
+
+def test_official_finest_tar_loads_and_embeds_as_the_official_forward(tmp_path):
     state = fake_official_checkpoint(tmp_path / "finest.tar")
-    write_glove(tmp_path / "glove", VOCAB, 300)
+    table = write_glove(tmp_path / "glove", VOCAB, 300)
     evaluator = TextMotionEvaluator.from_official(tmp_path / "finest.tar", glove_dir=tmp_path / "glove")
     for name, tensors in state.items():
         for key, value in getattr(evaluator, name).state_dict().items():
             torch.testing.assert_close(value, tensors[key])
-    text = evaluator.encode_text([["a/DET", "person/NOUN", "walk/VERB"], "the man jumps quickly"])
-    motion = evaluator.encode_motion(torch.randn(2, 196, 263), [196, 60])
-    assert text.shape == motion.shape == (2, 512) and torch.isfinite(text).all() and torch.isfinite(motion).all()
+    captions = [["a/DET", "person/NOUN", "walk/VERB", "forward/ADV"], ["the/DET", "man/NOUN", "zebra/NOUN"],
+                ["jump/VERB"]]
+    # the official inputs, built here from the table: sos + tokens + eos, padded with unk to 22; VIP words take
+    # their list's category, an unknown word the unk vector and OTHER
+    category = {"DET": 2, "NOUN": 1, "Loc_VIP": 9, "Act_VIP": 12, "OTHER": 14}
+    rows = [[("sos", "OTHER"), ("a", "DET"), ("person", "NOUN"), ("walk", "Act_VIP"), ("forward", "Loc_VIP"), ("eos", "OTHER")],
+            [("sos", "OTHER"), ("the", "DET"), ("man", "NOUN"), ("unk", "OTHER"), ("eos", "OTHER")],
+            [("sos", "OTHER"), ("jump", "Act_VIP"), ("eos", "OTHER")]]  # fmt: skip
+    word_embs, pos = torch.zeros(3, 22, 300), torch.zeros(3, 22, 15)
+    for i, row in enumerate(rows):
+        for j, (word, tag) in enumerate(row + [("unk", "OTHER")] * (22 - len(row))):
+            word_embs[i, j] = torch.from_numpy(table[word])
+            pos[i, j, category[tag]] = 1
+    cap_lens = torch.tensor([6, 5, 3])
+    torch.manual_seed(2)
+    m_lens = torch.tensor([60, 196, 42])  # 42: the last 2 frames are not a whole movement token
+    motions = torch.randn(3, 196, 263) * (torch.arange(196)[None, :, None] < m_lens[:, None, None])  # zero-padded
+    align, text_ref, motion_ref = official_co_embeddings(state, word_embs, pos, cap_lens, motions, m_lens)
+    with torch.no_grad():
+        text, motion = evaluator(captions, motions, m_lens)
+    words, pos_ours, lengths = evaluator.vectorizer(captions)
+    torch.testing.assert_close(words, word_embs)
+    torch.testing.assert_close(pos_ours, pos)
+    assert lengths.tolist() == cap_lens.tolist()
+    # float32 with different summation orders (BLAS GEMMs vs the step-by-step GRU here) over 1024-wide products and
+    # up to 49 recurrent steps: differences of a few 1e-6 on O(1) outputs; 1e-4 leaves room for any x86 BLAS
+    torch.testing.assert_close(text[align], text_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(motion[align], motion_ref, rtol=1e-4, atol=1e-4)
+    assert text.shape == motion.shape == (3, 512) and motion_ref.abs().mean() > 0.1
+
+
+def test_official_folder_reads_the_meta_statistics(tmp_path):
+    root = tmp_path / "t2m"
+    (root / "text_mot_match" / "model").mkdir(parents=True)
+    fake_official_checkpoint(root / "text_mot_match" / "model" / "finest.tar")
+    write_glove(tmp_path / "glove", VOCAB, 300)
+    with pytest.raises(FileNotFoundError, match="no folder with both mean.npy and std.npy"):
+        TextMotionEvaluator.from_official_folder(root, glove_dir=tmp_path / "glove")
+    meta = root / "Comp_v6_KLD01" / "meta"
+    meta.mkdir(parents=True)
+    mean, std = np.linspace(-1, 1, 263), np.linspace(0.5, 2, 263)
+    np.save(meta / "mean.npy", mean)
+    np.save(meta / "std.npy", std)
+    evaluator = load_evaluator(root, glove_dir=tmp_path / "glove")
+    raw = torch.randn(2, 8, 263)
+    torch.testing.assert_close(evaluator.normalize(raw), (raw - torch.tensor(mean).float()) / torch.tensor(std).float())
+    with pytest.raises(ValueError, match="pass the folder of its GloVe files"):
+        load_evaluator(root)
+    with pytest.raises(FileNotFoundError, match="neither a genalign evaluator folder"):
+        load_evaluator(tmp_path)
+
+
+def test_glove_files_of_mismatched_sizes_are_named(tmp_path):
+    write_glove(tmp_path, VOCAB, 4)
+    np.save(tmp_path / "our_vab_data.npy", np.zeros((len(VOCAB) - 2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"disagree on the vocabulary size \(our_vab_data.npy: 9, our_vab_words.pkl: "
+                                         r"11, our_vab_idx.pkl: 11\).*same glove/ folder"):
+        GloVeVectors(tmp_path)
+    write_glove(tmp_path, VOCAB, 4)
+    (tmp_path / "our_vab_words.pkl").unlink()
+    np.save(tmp_path / "our_vab_words.npy", np.array(VOCAB))  # the word list as .npy is accepted
+    assert GloVeVectors(tmp_path).lookup(["walk"])[1].all()
+    write_glove(tmp_path / "small", VOCAB, 8)
+    with pytest.raises(ValueError, match=r"word vectors from .*small are 8-d, the evaluator expects word_dim=300"):
+        TextMotionEvaluator.from_official(tmp_path / "x.tar", glove_dir=tmp_path / "small")
 
 
 def test_mismatched_checkpoint_lists_every_problem(tmp_path):
@@ -91,8 +213,9 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     state["motion_encoder"]["input_emb.weight"] = torch.zeros(1024, 256)
     del state["movement_encoder"]
     torch.save(state, tmp_path / "bad.tar")
+    write_glove(tmp_path / "glove", VOCAB, 300)
     with pytest.raises(ValueError) as error:
-        TextMotionEvaluator.from_official(tmp_path / "bad.tar", glove_dir=tmp_path)
+        TextMotionEvaluator.from_official(tmp_path / "bad.tar", glove_dir=tmp_path / "glove")
     message = str(error.value)
     assert "'movement_encoder' state dict absent" in message
     assert "text_encoder missing keys: ['hidden']" in message
@@ -102,8 +225,9 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
 
 def test_checkpoint_with_objects_is_refused(tmp_path):
     torch.save({"movement_encoder": {}, "opt": argparse.Namespace(lr=1e-4)}, tmp_path / "pickled.tar")
+    write_glove(tmp_path / "glove", VOCAB, 300)
     with pytest.raises(ValueError, match="holds more than tensors and plain values"):
-        TextMotionEvaluator.from_official(tmp_path / "pickled.tar", glove_dir=tmp_path)
+        TextMotionEvaluator.from_official(tmp_path / "pickled.tar", glove_dir=tmp_path / "glove")
 
 
 def test_word_inputs_follow_the_t2m_rules(tmp_path):

@@ -197,6 +197,24 @@ def confidence_interval(values) -> Interval:
     return Interval(float(array.mean()), float(1.96 * array.std() / np.sqrt(len(array))), tuple(array.tolist()))
 
 
+#: protocol metric -> the name reports use (MultiModality keeps its own name)
+METRIC_NAMES = {"top1": "r_precision_top1", "top2": "r_precision_top2", "top3": "r_precision_top3",
+                "mm_dist": "mm_dist", "fid": "fid", "diversity": "diversity"}
+
+
+def flatten(results: Mapping[str, Interval]) -> dict[str, float]:
+    """``{name: mean, name_ci95: half-width}``."""
+    out: dict[str, float] = {}
+    for name, interval in results.items():
+        out[name], out[f"{name}_ci95"] = interval.mean, interval.half_width
+    return out
+
+
+def report_names(results: Mapping[str, Interval]) -> dict[str, Interval]:
+    """``results`` keyed by :data:`METRIC_NAMES`."""
+    return {METRIC_NAMES.get(name, name): value for name, value in results.items()}
+
+
 class MotionMetrics:
     """Collects one ``{metric: value}`` dict per replication and summarises each metric as an :class:`Interval`."""
 

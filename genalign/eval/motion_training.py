@@ -9,10 +9,15 @@ as the mean with the protocol's 95 % half-width 1.96·std/√n::
 
     r_precision_top1/2/3, mm_dist, fid, diversity      (+ <name>_ci95 = the half-width)
 
-The protocol's replications regenerate the motions; that costs 20 generations, too slow on a CPU, so here each
-replication is a bootstrap resample of the N (prompt, generated motion) rows (drawn with replacement), on which the
-32-batches, MM-Dist, FID against all real motions and Diversity (min(300, N) pairs) are computed: the spread then
-reflects which prompts are evaluated, and every metric (MM-Dist and FID too) gets a non-zero interval.
+Replications (``replicate_by``):
+
+* ``"regenerate"`` (the protocol's way, :mod:`genalign.eval.motion_protocol`): replication i generates every
+  prompt again from seed ``seed + i`` and shuffles the rows into new 32-batches; the interval then reflects the
+  sampler's randomness. Costs ``replications`` generations per call.
+* ``"bootstrap"`` (default, 1 generation: 20 are too slow on a CPU during training): each replication is a
+  bootstrap resample of the N (prompt, generated motion) rows (drawn with replacement), on which the 32-batches,
+  MM-Dist, FID against all real motions and Diversity (min(300, N) pairs) are computed: the spread then reflects
+  which prompts are evaluated, and every metric (MM-Dist and FID too) gets a non-zero interval.
 
 With ``tag``/``output_dir`` (the trainer passes them) it writes ``motion_<tag>_<i>.gif`` skeleton animations of
 ``num_gifs`` prompts spread over the prompt list and prints a one-line summary.
@@ -32,12 +37,12 @@ import torch
 from genalign.adapters.motion import MotionAdapter, pad_motions
 from genalign.data.humanml3d import HumanML3DDataset
 from genalign.data.motion_repr import features_to_joints
-from genalign.eval.motion import Interval, evaluate_embeddings, replicate
+from genalign.eval.motion import METRIC_NAMES, Interval, evaluate_embeddings, flatten, replicate, report_names
 from genalign.models.t2m_evaluator import TextMotionEvaluator
 from genalign.render.skeleton import save_animation
 
-METRIC_NAMES = {"top1": "r_precision_top1", "top2": "r_precision_top2", "top3": "r_precision_top3",
-                "mm_dist": "mm_dist", "fid": "fid", "diversity": "diversity"}
+__all__ = ["METRIC_NAMES", "MotionTrainingEvaluator", "flatten"]
+REPLICATE_BY = ("bootstrap", "regenerate")
 
 
 class MotionTrainingEvaluator:
@@ -50,6 +55,7 @@ class MotionTrainingEvaluator:
         seed: the sampler noise seed (and the replications' seeds ``seed + i``).
         num_inference_steps / guidance_scale / scheduler: ``MotionAdapter.sample`` settings.
         num_gifs: animations written per call (0: none).
+        replicate_by: ``"bootstrap"`` or ``"regenerate"`` (see the module doc).
     """
 
     def __init__(
@@ -66,7 +72,11 @@ class MotionTrainingEvaluator:
         scheduler: str = "ddim",
         batch_size: int = 48,
         num_gifs: int = 3,
+        replicate_by: str = "bootstrap",
     ) -> None:
+        if replicate_by not in REPLICATE_BY:
+            raise ValueError(f"replicate_by must be one of {REPLICATE_BY}, got {replicate_by!r}")
+        self.replicate_by = replicate_by
         if int(num_prompts) != num_prompts or num_prompts < 32:
             raise ValueError(f"num_prompts must be an integer >= 32 (one R-precision batch), got {num_prompts}")
         self.evaluator = TextMotionEvaluator.load(evaluator_path)
@@ -88,9 +98,9 @@ class MotionTrainingEvaluator:
         with torch.no_grad():
             return self.evaluator.encode_motion(motions, lengths).cpu()
 
-    def generate(self, adapter: MotionAdapter) -> list[torch.Tensor]:
-        """One motion ``[T_i, D]`` per prompt at its real length, from the fixed seed."""
-        generator = torch.Generator().manual_seed(self.seed)
+    def generate(self, adapter: MotionAdapter, seed: int | None = None) -> list[torch.Tensor]:
+        """One motion ``[T_i, D]`` per prompt at its real length, from ``seed`` (default: the fixed seed)."""
+        generator = torch.Generator().manual_seed(self.seed if seed is None else seed)
         motions = []
         for start in range(0, len(self.prompts), self.batch_size):
             end = start + self.batch_size
@@ -107,7 +117,21 @@ class MotionTrainingEvaluator:
             return evaluate_embeddings(self.text_emb[rows], motion_emb[rows], self.real_emb, generator=rng,
                                        diversity_pairs=self.diversity_pairs)
 
-        return {METRIC_NAMES[k]: v for k, v in replicate(one, self.replications).items()}
+        return report_names(replicate(one, self.replications))
+
+    def regenerated_intervals(self, adapter: MotionAdapter) -> tuple[dict[str, Interval], list[torch.Tensor]]:
+        """The protocol's replications: replication i regenerates every prompt from seed ``seed + i`` and draws
+        new 32-batches; returns the intervals and the motions of replication 0."""
+        first: list[torch.Tensor] = []
+
+        def one(i: int) -> dict[str, float]:
+            motions = self.generate(adapter, self.seed + i)
+            first.extend(motions if i == 0 else [])
+            emb = self.embed(pad_motions(motions)["motion"], self.lengths)
+            return evaluate_embeddings(self.text_emb, emb, self.real_emb, generator=self.seed + i,
+                                       diversity_pairs=self.diversity_pairs)
+
+        return report_names(replicate(one, self.replications)), first
 
     def real_metrics(self) -> dict[str, float]:
         """The same metrics for the real motions (the ground-truth row of a results table)."""
@@ -116,8 +140,11 @@ class MotionTrainingEvaluator:
     def __call__(
         self, adapter: MotionAdapter, *, tag: str | None = None, output_dir: str | Path | None = None
     ) -> dict[str, float]:
-        motions = self.generate(adapter)
-        results = self.intervals(self.embed(pad_motions(motions)["motion"], self.lengths))
+        if self.replicate_by == "regenerate":
+            results, motions = self.regenerated_intervals(adapter)
+        else:
+            motions = self.generate(adapter)
+            results = self.intervals(self.embed(pad_motions(motions)["motion"], self.lengths))
         print(f"[motion eval {tag or ''}] " + "  ".join(f"{k} {v}" for k, v in results.items()), flush=True)
         if output_dir is not None and tag is not None:
             self.write_gifs(motions, Path(output_dir), tag)
@@ -131,14 +158,6 @@ class MotionTrainingEvaluator:
             joints = features_to_joints(self.dataset.denormalize(motions[index].double())).numpy()
             written.append(save_animation(joints, output_dir / f"motion_{tag}_{i}.gif", caption=self.prompts[index]))
         return written
-
-
-def flatten(results: dict[str, Interval]) -> dict[str, float]:
-    """``{name: mean, name_ci95: half-width}``."""
-    out: dict[str, float] = {}
-    for name, interval in results.items():
-        out[name], out[f"{name}_ci95"] = interval.mean, interval.half_width
-    return out
 
 
 def _prompts(dataset: HumanML3DDataset, num_prompts: int) -> tuple[list[str], list[torch.Tensor]]:

@@ -16,9 +16,15 @@ Three modules, named and shaped as in the official ``text_mot_match`` checkpoint
 Official sizes (the defaults of :class:`EvaluatorConfig`): movement 512/512, motion hidden 1024, text hidden 512,
 co-embedding 512, GloVe 300-d words. :meth:`TextMotionEvaluator.load_state_dicts` compares every key and shape
 with the checkpoint and raises one error listing the missing, unexpected and mis-shaped keys, so a checkpoint from
-another layout is refused rather than half-loaded. The layout was written from the paper and the module description
-above (the official code was not available here); its key names are ``main.{0,3}``, ``out_net``, ``input_emb``,
-``gru.*_l0[_reverse]``, ``hidden``, ``output_net.{0,1,3}`` and ``pos_emb``.
+another layout is refused rather than half-loaded. The layout and forward were checked against the official code
+(EricGuo5513/text-to-motion ``networks/modules.py``, ``networks/evaluator_wrapper.py``): key names ``main.{0,3}``,
+``out_net``, ``input_emb``, ``gru.*_l0[_reverse]``, ``hidden``, ``output_net.{0,1,3}`` and ``pos_emb``; the initial
+GRU state is ``hidden`` repeated over the batch; the official wrapper sorts motions by length (descending) for
+``pack_padded_sequence`` and feeds ``m_lens // unit_length`` movement tokens, which the unsorted packing here
+computes identically in the input order. ``finest.tar`` (``TextMotionMatchTrainer.save``) holds the three state
+dicts plus ``opt_text_encoder``/``opt_motion_encoder`` (Adam states), ``epoch`` and ``iter``; the evaluator's
+inputs are normalised with the statistics in ``t2m/Comp_v6_KLD01/meta/{mean,std}.npy`` (MDM copies them to
+``dataset/t2m_mean.npy``), not the dataset's ``Mean.npy``/``Std.npy``: see :func:`official_files`.
 
 Padding: the official pipeline zero-pads every motion to 196 frames, and the last movement tokens see a few frames
 past the motion's end. Here frames at or beyond a motion's length are zeroed and the motion is zero-padded (or its
@@ -42,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from genalign.models.word_vectors import POS_CATEGORIES, WordVectorizer, WordVectors, load_word_vectors
+from genalign.models.word_vectors import POS_CATEGORIES, GloVeVectors, WordVectorizer, WordVectors, load_word_vectors
 
 FOOT_CONTACT_DIMS = 4
 MODULES = ("movement_encoder", "text_encoder", "motion_encoder")
@@ -209,7 +215,9 @@ class TextMotionEvaluator(nn.Module):
     # ------------------------------------------------------------------------------------------------ inputs
     def _make_vectorizer(self, vectors: WordVectors) -> WordVectorizer:
         if vectors.dim != self.config.word_dim:
-            raise ValueError(f"word vectors are {vectors.dim}-d, the evaluator expects word_dim={self.config.word_dim}")
+            source = getattr(vectors, "source", type(vectors).__name__)
+            raise ValueError(f"word vectors from {source} are {vectors.dim}-d, the evaluator expects word_dim="
+                             f"{self.config.word_dim}; pass the word vectors it was trained with")
         return WordVectorizer(vectors, self.config.max_text_len)
 
     @property
@@ -314,9 +322,11 @@ class TextMotionEvaluator(nn.Module):
         """The official evaluator from its ``text_mot_match/model/finest.tar`` (a dict holding the three state dicts
         under ``movement_encoder``, ``text_encoder``, ``motion_encoder``) and the folder of its GloVe files;
         ``mean``/``std`` are the evaluator's own statistics (its ``meta/mean.npy``, ``meta/std.npy``). The file is
-        read with ``torch.load(weights_only=True)``: tensors and plain values only, no code."""
+        read with ``torch.load(weights_only=True)``: tensors and plain values only, no code (the official file's
+        Adam states, ``epoch`` and ``iter`` are plain values and are ignored). The GloVe files are read now, so a
+        bad vocabulary fails here rather than at the first caption."""
         config = replace(config or EvaluatorConfig(), word_vectors=str(glove_dir))
-        evaluator = cls(config, mean=mean, std=std)
+        evaluator = cls(config, word_vectors=GloVeVectors(glove_dir), mean=mean, std=std)
         try:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -328,6 +338,19 @@ class TextMotionEvaluator(nn.Module):
             raise ValueError(f"{checkpoint}: expected a dict of state dicts, got {type(state).__name__}")
         evaluator.load_state_dicts(state, str(checkpoint))
         return evaluator.eval()
+
+    @classmethod
+    def from_official_folder(
+        cls, root: str | Path, *, glove_dir: str | Path, config: EvaluatorConfig | None = None
+    ) -> "TextMotionEvaluator":
+        """The official evaluator from its ``t2m`` (or ``kit``) folder: :func:`official_files` finds ``finest.tar``
+        and the meta statistics; ``motion_dim`` follows the statistics (263 HumanML3D, 251 KIT-ML)."""
+        checkpoint, mean_path, std_path = official_files(root)
+        mean, std = _read_stat(mean_path), _read_stat(std_path)
+        if mean.shape != std.shape:
+            raise ValueError(f"{mean_path} {mean.shape} and {std_path} {std.shape} must have the same shape")
+        config = replace(config or EvaluatorConfig(), motion_dim=int(mean.shape[0]))
+        return cls.from_official(checkpoint, glove_dir=glove_dir, config=config, mean=mean, std=std)
 
     def save(self, directory: str | Path, training: dict | None = None) -> None:
         """Write ``evaluator.safetensors`` (``<module>.<key>`` plus ``stats.mean``/``stats.std`` when recorded) and
@@ -360,3 +383,55 @@ class TextMotionEvaluator(nn.Module):
             raise ValueError(f"{directory / WEIGHTS_NAME}: unexpected tensor groups {extra}, expected {list(MODULES)}")
         evaluator.load_state_dicts(state, str(directory / WEIGHTS_NAME))
         return evaluator.eval()
+
+
+OFFICIAL_CHECKPOINT = Path("text_mot_match") / "model" / "finest.tar"
+#: where the official zips keep the evaluator's input statistics, in the order they are looked for
+OFFICIAL_META = (Path("meta"), Path("Comp_v6_KLD01") / "meta", Path("Comp_v6_KLD005") / "meta",
+                 Path("text_mot_match") / "meta")  # fmt: skip
+
+
+def official_files(root: str | Path) -> tuple[Path, Path, Path]:
+    """``(finest.tar, mean.npy, std.npy)`` of an official evaluator folder: ``root/text_mot_match/model/finest.tar``
+    and the first of ``root/{meta, Comp_v6_KLD01/meta, Comp_v6_KLD005/meta, text_mot_match/meta}`` holding both
+    ``mean.npy`` and ``std.npy``. Raises naming what is missing and where it was looked for."""
+    root = Path(root)
+    checkpoint = root / OFFICIAL_CHECKPOINT
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint} not found: expected the official evaluator folder (the 't2m' folder of the T2M "
+            f"evaluators zip, holding text_mot_match/model/finest.tar and <model>/meta/mean.npy, std.npy)"
+        )
+    for meta in OFFICIAL_META:
+        mean, std = root / meta / "mean.npy", root / meta / "std.npy"
+        if mean.is_file() and std.is_file():
+            return checkpoint, mean, std
+    looked = ", ".join(str(root / m) for m in OFFICIAL_META)
+    raise FileNotFoundError(
+        f"{root}: no folder with both mean.npy and std.npy (looked in {looked}): the official evaluator normalises "
+        f"its inputs with these statistics; copy them from the evaluators zip (t2m/Comp_v6_KLD01/meta/)"
+    )
+
+
+def _read_stat(path: Path) -> np.ndarray:
+    value = np.load(path, allow_pickle=False)
+    if value.ndim != 1 or not np.isfinite(value).all():
+        raise ValueError(f"{path}: expected a finite 1-D array of per-feature statistics, got shape {value.shape}")
+    return value.astype(np.float32)
+
+
+def load_evaluator(path: str | Path, *, glove_dir: str | Path | None = None) -> TextMotionEvaluator:
+    """An evaluator from either a :meth:`TextMotionEvaluator.save` folder (``config.json``; ``glove_dir``, when
+    given, replaces its word vectors) or an official folder (``text_mot_match/model/finest.tar``; needs
+    ``glove_dir``)."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        vectors = None if glove_dir is None else GloVeVectors(glove_dir)
+        return TextMotionEvaluator.load(path, word_vectors=vectors)
+    if (path / OFFICIAL_CHECKPOINT).is_file():
+        if glove_dir is None:
+            raise ValueError(f"{path} is an official evaluator: pass the folder of its GloVe files "
+                             f"(our_vab_data.npy, our_vab_words.pkl, our_vab_idx.pkl) as glove_dir")
+        return TextMotionEvaluator.from_official_folder(path, glove_dir=glove_dir)
+    raise FileNotFoundError(f"{path}: neither a genalign evaluator folder ({CONFIG_NAME}, {WEIGHTS_NAME}) nor an "
+                            f"official one ({OFFICIAL_CHECKPOINT})")

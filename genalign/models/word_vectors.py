@@ -1,7 +1,8 @@
 """Word inputs of the text-to-motion evaluator of Guo et al. 2022: a 300-d word vector and a 15-way POS one-hot per
 ``word/POS`` token.
 
-Rules of the T2M text pipeline (written from its description):
+Rules of the T2M text pipeline (checked against the official ``utils/word_vectorizer.py`` and
+``data/dataset.py`` of EricGuo5513/text-to-motion):
 
 * a caption's tokens are cut to ``max_text_len`` (20), wrapped as ``sos/OTHER ... eos/OTHER`` and padded with
   ``unk/OTHER`` to ``max_text_len + 2``; the caption length counts ``sos`` and ``eos``;
@@ -12,8 +13,11 @@ Rules of the T2M text pipeline (written from its description):
 Word vectors come from one of two sources:
 
 * :class:`GloVeVectors`: the official evaluator's GloVe 300-d files ``<prefix>_data.npy`` ``[V, 300]``,
-  ``<prefix>_words.pkl`` (list of words) and ``<prefix>_idx.pkl`` (word -> row), ``prefix = "our_vab"``, from a
-  folder the user provides. Needed to run the official ``text_mot_match`` checkpoint.
+  ``<prefix>_words.pkl`` (list of the V words; ``<prefix>_words.npy``, an array of strings, is accepted too) and
+  ``<prefix>_idx.pkl`` (word -> row), ``prefix = "our_vab"`` (the ``glove/`` folder of EricGuo5513/text-to-motion,
+  whose idx puts ``sos``, ``eos``, ``unk`` at rows 0, 1, 2), from a folder the user provides. Needed to run the
+  official ``text_mot_match`` checkpoint. The three files must describe one vocabulary (V rows, V words, V
+  indices); anything else is refused naming the files.
 * :class:`MiniLMWordVectors`, the offline default: each word is encoded alone by the packaged all-MiniLM-L6-v2
   sentence encoder (mask-weighted mean of token states, L2-normalised, 384-d), multiplied by a fixed orthonormal
   ``[384, 300]`` projection (QR of a Gaussian matrix drawn from ``torch.Generator().manual_seed(seed)``) and
@@ -131,21 +135,45 @@ class GloVeVectors:
         if not data_path.exists():
             raise FileNotFoundError(f"{data_path} not found: expected the GloVe matrix [V, 300] of the T2M evaluator")
         self.vectors = np.load(data_path).astype(np.float32)
-        words, index = _read_pickle(folder / f"{prefix}_words.pkl"), _read_pickle(folder / f"{prefix}_idx.pkl")
-        if self.vectors.ndim != 2 or not isinstance(words, list) or not isinstance(index, dict):
-            raise ValueError(f"{folder}: expected a [V, D] matrix, a list of words and a word -> row dict")
+        words, words_path = _read_words(folder, prefix)
+        idx_path = folder / f"{prefix}_idx.pkl"
+        index = _read_pickle(idx_path)
+        if self.vectors.ndim != 2:
+            raise ValueError(f"{data_path}: expected a [V, D] matrix of word vectors, got shape {self.vectors.shape}")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{words_path}: expected a list of words (str)")
+        if not isinstance(index, dict):
+            raise ValueError(f"{idx_path}: expected a dict word -> row, got {type(index).__name__}")
+        sizes = {data_path.name: len(self.vectors), words_path.name: len(words), idx_path.name: len(index)}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"{folder}: the GloVe files disagree on the vocabulary size ({', '.join(f'{k}: {v}' for k, v in sizes.items())}); "
+                f"they must come from one export: take all three from the same glove/ folder (the T2M evaluator's)"
+            )
         bad = [w for w in words if not 0 <= index.get(w, -1) < len(self.vectors)]
         if bad:
-            raise ValueError(f"{folder / f'{prefix}_idx.pkl'}: no valid row for words {bad[:5]} of {prefix}_words.pkl")
+            raise ValueError(f"{idx_path}: no valid row for words {bad[:5]} of {words_path.name}")
         if "unk" not in index:
             raise ValueError(f"{folder}: the vocabulary has no 'unk' word, which out-of-vocabulary words map to")
         self.index = {w: int(index[w]) for w in words}
         self.dim = self.vectors.shape[1]
+        self.source = str(folder)
 
     def lookup(self, words: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         known = np.array([w in self.index for w in words], dtype=bool)
         rows = [self.index[w] if k else self.index["unk"] for w, k in zip(words, known)]
         return self.vectors[rows].reshape(len(words), self.dim), known
+
+
+def _read_words(folder: Path, prefix: str) -> tuple[list, Path]:
+    """The word list from ``<prefix>_words.pkl`` or, failing that, ``<prefix>_words.npy`` (strings, no pickles)."""
+    pkl, npy = folder / f"{prefix}_words.pkl", folder / f"{prefix}_words.npy"
+    if pkl.exists() or not npy.exists():
+        return _read_pickle(pkl), pkl
+    try:
+        return np.load(npy, allow_pickle=False).tolist(), npy
+    except ValueError as error:
+        raise ValueError(f"{npy}: expected an array of strings ({error})") from None
 
 
 class MiniLMWordVectors:

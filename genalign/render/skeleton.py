@@ -5,6 +5,7 @@
   its ffmpeg writer (raises when ffmpeg is missing); :func:`save_animations` writes the GIF and, when ffmpeg is
   on the PATH, the MP4 (otherwise it logs that the MP4 was skipped).
 - :func:`save_filmstrip`: one PNG with ``k`` evenly spaced frames side by side, quick to look at.
+- :func:`save_comparison`: a before/after strip, one row per model (base, trained, real), one column per caption.
 
 Every picture shows the kinematic chains as coloured lines (left limbs blue, right limbs red, spine black), a floor
 grid at y = 0, the root path on the floor, and the caption as title. Axis limits come from the whole motion, so the
@@ -18,6 +19,7 @@ import logging
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -191,6 +193,47 @@ def save_filmstrip(
         ax = scene.axes(fig, [slot / k, 0.0, 1.0 / k, 0.86])
         scene.pose(scene.skeleton(ax, 2.0), frame)
         ax.text2D(0.5, 0.02, f"{frame / fps:.2f} s", transform=ax.transAxes, ha="center", fontsize=7, color="#555555")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def save_comparison(
+    rows: Sequence[tuple[str, Sequence]], captions: Sequence[str], path: str | Path, *, k: int = 4,
+    fps: float = 20.0, layout: str | SkeletonLayout = "humanml3d", panel_px: int = 110, dpi: int = 100,
+) -> Path:
+    """A before/after strip: one row per ``(label, motions)`` (e.g. base, trained, real), one column per caption;
+    each cell shows ``k`` evenly spaced frames of that row's motion ``[T, J, 3]`` for the column's caption, so the
+    same captions can be compared across models. PNG of ``len(captions) * k * panel_px`` x
+    ``(len(rows) + 0.4) * panel_px`` pixels (plus a label margin)."""
+    layout = get_layout(layout)
+    if not rows or not captions or k < 1:
+        raise ValueError(f"need at least one row, one caption and k >= 1, got {len(rows)} rows, {len(captions)} "
+                         f"captions, k={k}")
+    for label, motions in rows:
+        if len(motions) != len(captions):
+            raise ValueError(f"row {label!r} has {len(motions)} motions for {len(captions)} captions")
+    label_px, title_px = panel_px, 0.4 * panel_px
+    width, height = label_px + len(captions) * k * panel_px, title_px + len(rows) * panel_px
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    cell_w, cell_h = k * panel_px / width, panel_px / height
+    for c, caption in enumerate(captions):
+        fig.text((label_px + (c + 0.5) * k * panel_px) / width, 1 - 0.5 * title_px / height,
+                 _title(caption, 14 * k), ha="center", va="center", fontsize=8)
+    for r, (label, motions) in enumerate(rows):
+        bottom = 1 - (title_px + (r + 1) * panel_px) / height
+        fig.text(0.5 * label_px / width, bottom + cell_h / 2, label, ha="center", va="center", fontsize=9,
+                 rotation=90, weight="bold")
+        for c, joints in enumerate(motions):
+            j = _as_joints(joints, layout)
+            scene = _Scene.of(j, layout)
+            left = (label_px + c * k * panel_px) / width
+            for slot, frame in enumerate(filmstrip_frames(len(j), k)):
+                ax = scene.axes(fig, [left + slot * cell_w / k, bottom, cell_w / k, cell_h])
+                scene.pose(scene.skeleton(ax, 1.5), frame)
+                ax.text2D(0.5, 0.02, f"{frame / fps:.1f} s", transform=ax.transAxes, ha="center", fontsize=6,
+                          color="#555555")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
