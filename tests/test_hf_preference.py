@@ -106,7 +106,7 @@ def test_trl_conversational_layouts(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ Anthropic HH
 def test_hh_prompt_is_the_shared_transcript_prefix_and_the_completion_the_last_assistant_turn(tmp_path, caplog):
-    context = [user("What should I cook tonight?"), assistant("How about pasta?\n\nIt is quick."),
+    context = [user("What should I cook tonight?"), assistant("How about pasta?\n\nIt is quick. "),  # kept as written
                user("Something without gluten?")]
     good, bad = assistant("Risotto: rice is gluten-free.\n\nAdd mushrooms."), assistant("Bread.")
     first = {"chosen": transcript(context + [good]), "rejected": transcript(context + [bad])}

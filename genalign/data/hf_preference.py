@@ -14,8 +14,9 @@ Formats (``format="auto"`` tells them apart by each file's first row; a name for
   the scores are kept on the row; ``score_chosen < score_rejected`` is an error (swapped columns). ``messages``
   (the chosen conversation, for SFT) is not used.
 * ``hh`` -- Anthropic HH-RLHF: ``chosen`` / ``rejected`` transcripts ``"\\n\\nHuman: ...\\n\\nAssistant: ..."``,
-  turned into user / assistant messages (contents stripped, as TRL's conversion does); the shared leading messages
-  are the prompt, the rest (the last assistant turn) the completion.
+  turned into user / assistant messages (the one space after ``Human:`` / ``Assistant:`` is the separator, the rest
+  of a turn is kept as written, blank lines included); the shared leading messages are the prompt, the rest (the
+  last assistant turn) the completion.
 * ``tldr`` -- ``prompt`` / ``chosen`` / ``rejected`` strings (trl-lib/tldr-preference).
 * ``kto`` -- unpaired ``prompt`` / ``completion`` / ``label`` (trl-lib/kto-mix-14k; strings or message lists).
 
@@ -44,7 +45,7 @@ SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 REQUIRED = {"ultrafeedback": ("chosen", "rejected"), "hh": ("chosen", "rejected"),
             "tldr": ("prompt", "chosen", "rejected"), "kto": ("prompt", "completion")}
 _SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}(-[0-9a-f]+)?$")  # train-00000-of-00004[-<hash>]
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 _LOGGED_ERRORS = 5
 
@@ -202,7 +203,7 @@ def hh_messages(text: Any, where: str, field: str) -> list[dict[str, str]]:
     if parts[0] or len(parts) < 3:
         raise ValueError(f"{where}: field {field!r} is not an HH transcript (it must start with 'Human:' turns "
                          f"separated by blank lines): {text[:60]!r}")
-    return [{"role": _HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+    return [{"role": _HH_ROLES[role], "content": content} for role, content in zip(parts[1::2], parts[2::2])]
 
 
 def _conversational(obj: dict[str, Any], where: str) -> dict[str, Any]:
