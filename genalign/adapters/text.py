@@ -96,6 +96,9 @@ class TextAdapter(Adapter):
             raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES} (TRL's meaning), got {truncation_mode!r}")
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set tokenizer.eos_token before building the adapter")
+        if max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 (the first token needs no score but is context), "
+                             f"got {max_prompt_length}")
         if max_prompt_length >= max_length:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be < max_length ({max_length})")
         if chat_template is not None:
