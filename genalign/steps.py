@@ -147,6 +147,7 @@ class PairwiseStep(Step):
 
     @staticmethod
     def wpo_weights(adapter: Adapter, batch: PairwiseBatch) -> torch.Tensor:
+        """Detached WPO weight per pair from the adapter's per-token policy probabilities."""
         if not hasattr(adapter, "wpo_logps"):
             raise ValueError(f"use_weighting needs the policy's per-token probabilities; {type(adapter).__name__} "
                              "has no wpo_logps (the text adapter has)")
