@@ -101,10 +101,12 @@ def test_bad_shards_raise_naming_file_row_group_row_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"m\.parquet: missing column\(s\) \['label_1'\].*skip_bad_rows=true"):
         PickAPicDataset(write_shard(tmp_path / "m.parquet", ROWS, drop=("label_1",)))
     bad = ROWS[:2] + [("odd", 0.7, 0.3)]
-    with pytest.raises(ValueError, match=r"l\.parquet row group 1 row 2, columns 'label_0', 'label_1': are \[0.7, 0.3\]"):
+    labels = r"l\.parquet row group 1 row 2, columns 'label_0', 'label_1': are \[0.7, 0.3\]"
+    with pytest.raises(ValueError, match=labels):
         PickAPicDataset(write_shard(tmp_path / "l.parquet", bad))
     for name, caption in (("c", None), ("e", "  ")):
-        with pytest.raises(ValueError, match=rf"{name}\.parquet row group 0 row 0, column 'caption': must be a non-empty"):
+        caption_error = rf"{name}\.parquet row group 0 row 0, column 'caption': must be a non-empty"
+        with pytest.raises(ValueError, match=caption_error):
             PickAPicDataset(write_shard(tmp_path / f"{name}.parquet", [(caption, 1.0, 0.0)]))
     corrupt = write_shard(tmp_path / "j.parquet", ROWS[:2], jpg_0=[encoded(RED), b"not a jpeg"])
     data = PickAPicDataset(corrupt)
@@ -180,7 +182,8 @@ def test_split_selects_the_shards_named_by_the_hub_convention(tmp_path):
     assert [f.name for f in validation.files] == ["validation-00000-of-00001-ef56.parquet"]
     assert [data["prompt"] for data in PickAPicDataset(data_dir, split="validation_unique")] == ["a red fox"]
     assert len(PickAPicDataset(data_dir)) == 5  # no split: every shard
-    with pytest.raises(FileNotFoundError, match=r"no 'test' shards \(test-\*\.parquet\); its files start \['train', 'validation', 'validation_unique'\]"):
+    names_found = r"no 'test' shards \(test-\*\.parquet\); its files start \['train', 'validation', 'validation_unique'\]"
+    with pytest.raises(FileNotFoundError, match=names_found):
         PickAPicDataset(data_dir, split="test")
     with pytest.raises(ValueError, match="not a 'test' shard"):
         PickAPicDataset(data_dir / "validation-00000-of-00001-ef56.parquet", split="test")

@@ -42,7 +42,8 @@ from genalign.data.loader import SKIPPED_ROWS
 log = logging.getLogger(__name__)
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-#: Pick-a-Pic v2's splits; its shards are named ``<split>-NNNNN-of-NNNNN-<hash>.parquet`` (e.g. ``data/train-00000-of-00645-….parquet``)
+#: Pick-a-Pic v2's splits; its shards are named ``<split>-NNNNN-of-NNNNN-<hash>.parquet``
+#: (e.g. ``data/train-00000-of-00645-….parquet`` on the Hugging Face hub)
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 _VALID_LABELS = {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
 _LOGGED_SOURCES = 5
