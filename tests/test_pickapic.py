@@ -131,7 +131,7 @@ def mixed_shard(path):
 def test_skip_bad_rows_counts_rows_bad_at_open_and_substitutes_undecodable_ones(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"row group 1 row 3, column 'caption'"):  # the default raises
         PickAPicDataset(mixed_shard(tmp_path / "train-0.parquet"))
-    with caplog.at_level("WARNING", logger="genalign.data.pickapic"):
+    with caplog.at_level("WARNING", logger="genalign.data.image_pairs"):
         data = PickAPicDataset(tmp_path / "train-0.parquet", skip_bad_rows=True)
     # open: 8 rows, 1 tie, 2 bad (empty caption, labels) -> 5 pairs: file rows 0, 1, 5, 6, 7
     assert (data.num_rows, data.num_ties, data.num_skipped, len(data)) == (8, 1, 2, 5)
@@ -240,3 +240,23 @@ def test_undecodable_folder_image_names_line_and_file(tmp_path):
         ImagePairFolder(folder)[0]
     with pytest.raises(FileNotFoundError, match="pair index"):
         ImagePairFolder(folder, index="missing.jsonl")
+
+
+def test_folder_skip_bad_rows_leaves_out_bad_lines_and_substitutes_broken_images(tmp_path):
+    folder = write_folder(tmp_path, [
+        {"prompt": "one", "chosen": "img/red.png", "rejected": "img/blue.jpg"},
+        "{not json",
+        {"prompt": "two", "chosen": "img/broken.png", "rejected": "img/blue.jpg"},
+        {"prompt": "three", "chosen": "img/gone.png", "rejected": "img/blue.jpg"},
+        {"prompt": "four", "chosen": "img/blue.jpg", "rejected": "img/red.png"},
+    ])  # fmt: skip
+    (folder / "img" / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        ImagePairFolder(folder)
+    data = ImagePairFolder(folder, skip_bad_rows=True)
+    assert (len(data), data.num_skipped) == (3, 2)  # lines 2 (JSON) and 4 (missing file) left out at open
+    assert "line 4: field 'chosen' points to" in data.skipped_sources[1]
+    substitute = data[1]  # line 3's image does not decode: the next pair (line 5) stands in
+    assert substitute["prompt"] == "four" and substitute["source"].endswith("line 5")
+    assert "line 3 field 'chosen'" in substitute[SKIPPED_ROWS][0] and "cannot decode" in substitute[SKIPPED_ROWS][0]
+    assert data.num_skipped == 3 and SKIPPED_ROWS not in data[0] and data[2]["prompt"] == "four"
