@@ -182,7 +182,8 @@ def test_split_selects_the_shards_named_by_the_hub_convention(tmp_path):
     assert [f.name for f in validation.files] == ["validation-00000-of-00001-ef56.parquet"]
     assert [data["prompt"] for data in PickAPicDataset(data_dir, split="validation_unique")] == ["a red fox"]
     assert len(PickAPicDataset(data_dir)) == 5  # no split: every shard
-    names_found = r"no 'test' shards \(test-\*\.parquet\); its files start \['train', 'validation', 'validation_unique'\]"
+    names_found = (r"no 'test' shards \(test-\*\.parquet\); its files start "
+                   r"\['train', 'validation', 'validation_unique'\]")
     with pytest.raises(FileNotFoundError, match=names_found):
         PickAPicDataset(data_dir, split="test")
     with pytest.raises(ValueError, match="not a 'test' shard"):
