@@ -241,7 +241,8 @@ class Trainer:
         cfg = self.cfg
         if self._stream is None or self._stream[:2] != (self.order, micro_step):
             stop = max(cfg.max_steps * cfg.gradient_accumulation_steps, micro_step + cfg.gradient_accumulation_steps)
-            self._stream = (self.order, micro_step, iter(self._loader(MicroBatches(self.order, self.shard, micro_step, stop))))
+            batches = MicroBatches(self.order, self.shard, micro_step, stop)
+            self._stream = (self.order, micro_step, iter(self._loader(batches)))
         indices, rows = next(self._stream[2])
         self._stream = (self.order, micro_step + 1, self._stream[2])
         for row in rows:
@@ -330,7 +331,8 @@ class Trainer:
                 if chosen.reference is None:
                     return  # reference-free objective (e.g. SimPO): nothing to cache (the same on every process)
                 if k < len(mine):
-                    computed.append((indices[0], torch.stack([chosen.reference, rejected.reference], 1).float().tolist()))
+                    pair_scores = torch.stack([chosen.reference, rejected.reference], 1).float()
+                    computed.append((indices[0], pair_scores.tolist()))
         scores = torch.full((n, 2), float("nan"))
         for start, values in self.shard.gather(computed):
             scores[start : start + len(values)] = torch.tensor(values)

@@ -101,10 +101,12 @@ def test_bad_shards_raise_naming_file_row_group_row_and_column(tmp_path):
     with pytest.raises(ValueError, match=r"m\.parquet: missing column\(s\) \['label_1'\].*skip_bad_rows=true"):
         PickAPicDataset(write_shard(tmp_path / "m.parquet", ROWS, drop=("label_1",)))
     bad = ROWS[:2] + [("odd", 0.7, 0.3)]
-    with pytest.raises(ValueError, match=r"l\.parquet row group 1 row 2, columns 'label_0', 'label_1': are \[0.7, 0.3\]"):
+    labels = r"l\.parquet row group 1 row 2, columns 'label_0', 'label_1': are \[0.7, 0.3\]"
+    with pytest.raises(ValueError, match=labels):
         PickAPicDataset(write_shard(tmp_path / "l.parquet", bad))
     for name, caption in (("c", None), ("e", "  ")):
-        with pytest.raises(ValueError, match=rf"{name}\.parquet row group 0 row 0, column 'caption': must be a non-empty"):
+        caption_error = rf"{name}\.parquet row group 0 row 0, column 'caption': must be a non-empty"
+        with pytest.raises(ValueError, match=caption_error):
             PickAPicDataset(write_shard(tmp_path / f"{name}.parquet", [(caption, 1.0, 0.0)]))
     corrupt = write_shard(tmp_path / "j.parquet", ROWS[:2], jpg_0=[encoded(RED), b"not a jpeg"])
     data = PickAPicDataset(corrupt)
@@ -129,7 +131,7 @@ def mixed_shard(path):
 def test_skip_bad_rows_counts_rows_bad_at_open_and_substitutes_undecodable_ones(tmp_path, caplog):
     with pytest.raises(ValueError, match=r"row group 1 row 3, column 'caption'"):  # the default raises
         PickAPicDataset(mixed_shard(tmp_path / "train-0.parquet"))
-    with caplog.at_level("WARNING", logger="genalign.data.pickapic"):
+    with caplog.at_level("WARNING", logger="genalign.data.image_pairs"):
         data = PickAPicDataset(tmp_path / "train-0.parquet", skip_bad_rows=True)
     # open: 8 rows, 1 tie, 2 bad (empty caption, labels) -> 5 pairs: file rows 0, 1, 5, 6, 7
     assert (data.num_rows, data.num_ties, data.num_skipped, len(data)) == (8, 1, 2, 5)
@@ -180,7 +182,9 @@ def test_split_selects_the_shards_named_by_the_hub_convention(tmp_path):
     assert [f.name for f in validation.files] == ["validation-00000-of-00001-ef56.parquet"]
     assert [data["prompt"] for data in PickAPicDataset(data_dir, split="validation_unique")] == ["a red fox"]
     assert len(PickAPicDataset(data_dir)) == 5  # no split: every shard
-    with pytest.raises(FileNotFoundError, match=r"no 'test' shards \(test-\*\.parquet\); its files start \['train', 'validation', 'validation_unique'\]"):
+    names_found = (r"no 'test' shards \(test-\*\.parquet\); its files start "
+                   r"\['train', 'validation', 'validation_unique'\]")
+    with pytest.raises(FileNotFoundError, match=names_found):
         PickAPicDataset(data_dir, split="test")
     with pytest.raises(ValueError, match="not a 'test' shard"):
         PickAPicDataset(data_dir / "validation-00000-of-00001-ef56.parquet", split="test")
@@ -237,3 +241,23 @@ def test_undecodable_folder_image_names_line_and_file(tmp_path):
         ImagePairFolder(folder)[0]
     with pytest.raises(FileNotFoundError, match="pair index"):
         ImagePairFolder(folder, index="missing.jsonl")
+
+
+def test_folder_skip_bad_rows_leaves_out_bad_lines_and_substitutes_broken_images(tmp_path):
+    folder = write_folder(tmp_path, [
+        {"prompt": "one", "chosen": "img/red.png", "rejected": "img/blue.jpg"},
+        "{not json",
+        {"prompt": "two", "chosen": "img/broken.png", "rejected": "img/blue.jpg"},
+        {"prompt": "three", "chosen": "img/gone.png", "rejected": "img/blue.jpg"},
+        {"prompt": "four", "chosen": "img/blue.jpg", "rejected": "img/red.png"},
+    ])  # fmt: skip
+    (folder / "img" / "broken.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        ImagePairFolder(folder)
+    data = ImagePairFolder(folder, skip_bad_rows=True)
+    assert (len(data), data.num_skipped) == (3, 2)  # lines 2 (JSON) and 4 (missing file) left out at open
+    assert "line 4: field 'chosen' points to" in data.skipped_sources[1]
+    substitute = data[1]  # line 3's image does not decode: the next pair (line 5) stands in
+    assert substitute["prompt"] == "four" and substitute["source"].endswith("line 5")
+    assert "line 3 field 'chosen'" in substitute[SKIPPED_ROWS][0] and "cannot decode" in substitute[SKIPPED_ROWS][0]
+    assert data.num_skipped == 3 and SKIPPED_ROWS not in data[0] and data[2]["prompt"] == "four"

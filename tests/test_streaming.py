@@ -54,8 +54,8 @@ def no_training_curve(monkeypatch):
 
 
 def config(tmp_path, name: str, max_steps: int = 4, **options) -> TrainConfig:
-    return TrainConfig(output_dir=str(tmp_path / name), max_steps=max_steps, batch_size=4, gradient_accumulation_steps=2,
-                       learning_rate=0.05, log_every=1, seed=3, **options)
+    return TrainConfig(output_dir=str(tmp_path / name), max_steps=max_steps, batch_size=4,
+                       gradient_accumulation_steps=2, learning_rate=0.05, log_every=1, seed=3, **options)
 
 
 def run(tmp_path, name: str, rows, max_steps: int = 4, **options) -> tuple[Trainer, list[dict]]:
@@ -113,7 +113,8 @@ def test_resume_through_workers_equals_uninterrupted_run(tmp_path):
     assert [h["loss"] for h in history] == [h["loss"] for h in expected]
     assert torch.equal(resumed.adapter.probs(), straight.adapter.probs())
     order = RowOrder(32, 4, seed=3)
-    # row 0 (are rows pairs?), the reference cache reads every row once, then only the micro-batches of steps 4-6 (micro-steps 6-11) are read
+    # row 0 (are rows pairs?), the reference cache reads every row once, then only the micro-batches of steps 4-6
+    # (micro-steps 6-11) are read
     expected_reads = Counter([0, *range(32)]) + Counter(i for k in range(6, 12) for i in order.indices(k))
     assert data.reads == dict(expected_reads)
 

@@ -54,7 +54,8 @@ class EncodingCache:
     def path(self, kind: str, content: bytes) -> Path:
         return self.directory / f"{self.key(kind, content)}.safetensors"
 
-    def lookup(self, kind: str, contents: Sequence[bytes], compute: Callable[[list[int]], list[Tensors]]) -> list[Tensors]:
+    def lookup(self, kind: str, contents: Sequence[bytes],
+               compute: Callable[[list[int]], list[Tensors]]) -> list[Tensors]:
         first: dict[bytes, int] = {}
         for i, content in enumerate(contents):
             first.setdefault(content, i)

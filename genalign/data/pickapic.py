@@ -12,21 +12,14 @@ asked for (a few row groups stay cached), so shards larger than memory work. Ima
 
 **Bad rows.** A missing column, an empty or non-string caption or labels that are not a preference or a tie are found
 at open; an image that is not bytes or does not decode is found when its row is read. Either is a ``ValueError``
-naming the file, row group, row (counted from the start of the file) and column. With ``skip_bad_rows=True``:
-
-* bad rows found at open are left out of the set (a file missing a column: all its rows), counted in
-  ``num_skipped`` and logged with their first few sources, before any index is handed out;
-* a row whose image does not decode is replaced by the next readable pair (``i + 1``, ``i + 2``, … modulo the
-  length), a choice that depends on the files only: the rows a training step sees stay a pure function of the step
-  (exact resume, any number of DataLoader workers or processes). The substitute record lists the bad rows it stands
-  for under ``skipped_rows`` (:data:`genalign.data.loader.SKIPPED_ROWS`), so the trainer counts and logs them even
-  when a DataLoader worker read them (``data/bad_rows_skipped`` in ``log.jsonl``); ``num_skipped`` counts them in the
-  process that met them.
+naming the file, row group, row (counted from the start of the file) and column. ``skip_bad_rows=True``
+(:class:`genalign.data.image_pairs.SkipsBadRows`) leaves the rows bad at open out (a file missing a column: all its
+rows), counted and logged, and replaces a row whose image does not decode by the next readable pair, the same in
+every process and worker, so the rows a training step sees stay a pure function of the step.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,20 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 
-from genalign.data.image_pairs import open_image, prepare_image
-from genalign.data.loader import SKIPPED_ROWS
-
-log = logging.getLogger(__name__)
+from genalign.data.image_pairs import BadRow, SkipsBadRows, open_image, prepare_image
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
-#: Pick-a-Pic v2's splits; its shards are named ``<split>-NNNNN-of-NNNNN-<hash>.parquet`` (e.g. ``data/train-00000-of-00645-….parquet``)
+#: Pick-a-Pic v2's splits; its shards are named ``<split>-NNNNN-of-NNNNN-<hash>.parquet``
+#: (e.g. ``data/train-00000-of-00645-….parquet`` on the Hugging Face hub)
 SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
 _VALID_LABELS = {(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)}
-_LOGGED_SOURCES = 5
-
-
-class BadRow(ValueError):
-    """A row that cannot be used; the message names file, row group, row and column."""
 
 
 def parquet_files(paths: str | Path | Sequence[str | Path], split: str | None = None) -> list[Path]:
@@ -81,7 +67,7 @@ def parquet_files(paths: str | Path | Sequence[str | Path], split: str | None = 
     return files
 
 
-class PickAPicDataset(Dataset):
+class PickAPicDataset(SkipsBadRows, Dataset):
     """Non-tied Pick-a-Pic pairs, ``chosen`` = the preferred image. ``num_rows``, ``num_ties`` and ``num_skipped``
     count the input (see the module docstring for ``skip_bad_rows`` and ``split``)."""
 
@@ -95,19 +81,16 @@ class PickAPicDataset(Dataset):
         cache_row_groups: int = 4,
     ) -> None:
         self.files = parquet_files(paths, split)
-        self.resolution, self.cache_row_groups, self.skip_bad_rows = resolution, cache_row_groups, skip_bad_rows
-        self.num_rows = self.num_ties = self.num_skipped = 0
-        self.skipped_sources: list[str] = []  # the first few bad rows (all of them are counted)
+        self.resolution, self.cache_row_groups = resolution, cache_row_groups
+        self._init_skipping(skip_bad_rows)
+        self.num_rows = self.num_ties = 0
         # per kept pair: (file index, row group, row in group, row in file, preferred image 0 or 1)
         pairs = [self._scan(index, path) for index, path in enumerate(self.files)]
         self.pairs = np.concatenate(pairs) if pairs else np.zeros((0, 5), dtype=np.int64)
-        if self.num_skipped:
-            log.warning("Pick-a-Pic: skipped %d bad row(s) of %d at open (skip_bad_rows=True), first: %s",
-                        self.num_skipped, self.num_rows, "; ".join(self.skipped_sources))
+        self._log_skipped("Pick-a-Pic", self.num_rows)
         if len(self.pairs) == 0:
             raise ValueError(f"no usable pairs in {[str(f) for f in self.files]} ({self.num_rows} rows, "
                              f"{self.num_ties} ties, {self.num_skipped} bad)")
-        self._bad: dict[int, str] = {}  # pairs whose images failed to decode in this process
         self._cache: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()
 
     # ------------------------------------------------------------------ open: captions and labels
@@ -117,8 +100,8 @@ class PickAPicDataset(Dataset):
         missing = [c for c in COLUMNS if c not in shard.schema_arrow.names]
         if missing:
             self.num_rows += shard.metadata.num_rows
-            self._bad_at_open(f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards have {list(COLUMNS)}",
-                              shard.metadata.num_rows)
+            problem = f"{path}: missing column(s) {missing}; Pick-a-Pic v2 shards have {list(COLUMNS)}"
+            self._bad_at_open(_bad(problem), shard.metadata.num_rows)
             return np.zeros((0, 5), dtype=np.int64)
         row = 0
         for group in range(shard.num_row_groups):
@@ -126,7 +109,7 @@ class PickAPicDataset(Dataset):
             for offset, (caption, *labels) in enumerate(zip(meta["caption"], meta["label_0"], meta["label_1"])):
                 problem = _caption_problem(caption) or _label_problem(labels)
                 if problem:
-                    self._bad_at_open(f"{path} row group {group} row {row}, {problem}")
+                    self._bad_at_open(_bad(f"{path} row group {group} row {row}, {problem}"))
                 elif labels == [0.5, 0.5]:
                     self.num_ties += 1
                 else:
@@ -134,13 +117,6 @@ class PickAPicDataset(Dataset):
                 row += 1
         self.num_rows += row
         return np.array(kept, dtype=np.int64).reshape(-1, 5)
-
-    def _bad_at_open(self, message: str, rows: int = 1) -> None:
-        if not self.skip_bad_rows:
-            raise BadRow(f"{message} (data.skip_bad_rows=true skips and counts such rows)")
-        self.num_skipped += rows
-        if len(self.skipped_sources) < _LOGGED_SOURCES:
-            self.skipped_sources.append(message)
 
     # ------------------------------------------------------------------ items: images
     def _row_group(self, index: int, group: int) -> pa.Table:
@@ -156,24 +132,8 @@ class PickAPicDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        if not self.skip_bad_rows:
-            return self._read(i)
-        skipped: list[str] = []
-        for k in range(len(self)):
-            j = (i + k) % len(self)
-            if j not in self._bad:
-                try:
-                    record = self._read(j)
-                except BadRow as error:
-                    self._bad[j] = str(error)
-                    self.num_skipped += 1
-                else:
-                    if skipped:
-                        record[SKIPPED_ROWS] = skipped
-                    return record
-            skipped.append(self._bad[j])
-        raise ValueError(f"none of the {len(self)} pairs of {[str(f) for f in self.files]} has images that decode")
+    def __repr__(self) -> str:
+        return f"PickAPicDataset({[str(f) for f in self.files]})"
 
     def _read(self, i: int) -> dict[str, Any]:
         index, group, offset, row, preferred = (int(v) for v in self.pairs[i])
@@ -185,15 +145,15 @@ class PickAPicDataset(Dataset):
             data, field = table.column(column)[offset].as_py(), f"{where}, column {column!r}"
             if not isinstance(data, bytes):
                 raise BadRow(f"{field}: must hold encoded image bytes, got {type(data).__name__}")
-            try:
-                image = open_image(data, field)
-            except ValueError as error:
-                raise BadRow(str(error)) from error
-            record[role] = prepare_image(image, prompt, self.resolution)
+            record[role] = prepare_image(open_image(data, field), prompt, self.resolution)
         return record
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers start with an empty row-group cache
         return {**self.__dict__, "_cache": OrderedDict()}
+
+
+def _bad(message: str) -> BadRow:
+    return BadRow(f"{message} (data.skip_bad_rows=true skips and counts such rows)")
 
 
 def _caption_problem(caption: Any) -> str | None:
