@@ -24,10 +24,12 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import genalign.cli as cli
 from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.data import pickapic
+from genalign.data.batching import pairwise_batch
 from genalign.data.pickapic_views import pickapic_experts, pickapic_pairs, pickapic_unpaired, split_files
 from tiny_sd import tiny_tokenizer, write_sd15, write_sdxl
 
@@ -122,6 +124,21 @@ def test_split_selection_ties_and_lazy_views(snapshot):
     assert pairs[1]["chosen"]["original_size"] == (20, 24) and pairs[0]["chosen"]["original_size"] == (24, 20)
     with pytest.raises(IndexError):
         unpaired[8]
+
+
+def test_pair_records_collate_with_their_own_sdxl_ids(sdxl, snapshot):
+    adapter = ImageDiffusionAdapter.from_pretrained(sdxl, architecture="sdxl", prompt_dropout=0.0)
+    pairs = pickapic_pairs(snapshot, resolution=16)
+    rows = [pairs[0], pairs[1]]
+    batch = pairwise_batch(adapter, rows)
+    for side in ("chosen", "rejected"):
+        expected = [[*r[side]["original_size"], *r[side]["crop_top_left"], 16, 16] for r in rows]
+        assert getattr(batch, side)["time_ids"].tolist() == expected
+        pixels = torch.stack([r[side]["image"] for r in rows])
+        assert torch.allclose(getattr(batch, side)["x0"], adapter.encode_images(pixels))
+    # pair 0 prefers jpg_0, 20 wide and 24 high: resized to 16 x 19 (w x h), cropped 1 row from the top
+    assert batch.chosen["time_ids"].tolist()[0] == [24, 20, 1, 0, 16, 16]
+    assert batch.rejected["time_ids"].tolist()[0] == [20, 24, 0, 1, 16, 16]  # jpg_1: 24 x 20 -> 19 x 16, 1 column off
 
 
 # ---------------------------------------------------------------------------------------------- experiments
@@ -248,6 +265,15 @@ def test_model_folder_errors_name_the_path_and_the_fix(sd15, sdxl, tmp_path):
     with pytest.raises(ValueError, match=rf"{other / 'tokenizer'} has {len(tokenizer)} tokens but "
                                          rf"{other / 'text_encoder'} embeds only {len(tokenizer) - 10}.*does not match"):
         ImageDiffusionAdapter.from_pretrained(other, architecture="sd15")
+
+    narrow = tmp_path / "narrow_text_encoder"  # a text encoder 8 wide for a UNet that cross-attends to 16 features
+    shutil.copytree(sd15, narrow)
+    config = CLIPTextConfig.from_pretrained(narrow / "text_encoder")
+    config.hidden_size, config.intermediate_size, config.projection_dim = 8, 16, 8
+    CLIPTextModel(config).save_pretrained(narrow / "text_encoder")
+    with pytest.raises(ValueError, match=rf"text encoder\(s\) of {narrow} give 8 features per token but "
+                                         rf"{narrow / 'unet'} has cross_attention_dim=16"):
+        ImageDiffusionAdapter.from_pretrained(narrow, architecture="sd15")
 
 
 def test_bad_shards_name_the_file_row_and_field(tmp_path):

@@ -158,12 +158,16 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist; adapter.path=... must be a local diffusers "
                                     "folder (model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
-        for sub in ("unet", "scheduler") + (() if pixel_space else ("vae",)):
-            if not (path / sub / "config.json").is_file() and not (path / sub / "scheduler_config.json").is_file():
+        subfolders = ("unet", "scheduler") + (() if pixel_space else ("vae",))
+        for sub in subfolders:
+            if not (path / sub).is_dir():
                 hint = " (pass pixel_space=True for a model without a VAE)" if sub == "vae" else ""
-                state = "has no config" if (path / sub).is_dir() else "is missing"
-                raise FileNotFoundError(f"{path / sub} {state}: {path} is not a complete diffusers folder{hint}; copy "
-                                        f"the {sub}/ subfolder of the same model into it")
+                raise FileNotFoundError(f"{path / sub} is missing: {path} is not a complete diffusers folder{hint}; "
+                                        f"copy the {sub}/ subfolder of the same model into it")
+        for sub in subfolders:
+            if not any((path / sub / name).is_file() for name in ("config.json", "scheduler_config.json")):
+                raise FileNotFoundError(f"{path / sub} has no config.json (scheduler_config.json for scheduler/); "
+                                        f"copy the complete {sub}/ subfolder of the same model into {path}")
         _check_architecture(path, architecture)
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
