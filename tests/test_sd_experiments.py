@@ -9,7 +9,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -23,6 +22,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -33,7 +33,6 @@ from genalign.data.batching import pairwise_batch
 from genalign.data.pickapic_views import pickapic_experts, pickapic_pairs, pickapic_unpaired, split_files
 from tiny_sd import tiny_tokenizer, write_sd15, write_sdxl
 
-REPO = Path(__file__).resolve().parents[1]
 # (caption, label_0, label_1): 4 preferences and 2 ties
 ROWS = [("a red fox", 1.0, 0.0), ("a tie", 0.5, 0.5), ("a blue whale", 0.0, 1.0), ("a green frog", 0.0, 1.0),
         ("another tie", 0.5, 0.5), ("a yellow sun", 1.0, 0.0)]  # fmt: skip
@@ -224,16 +223,18 @@ def test_experiment_trains_two_steps_and_final_loads_in_the_pipeline(experiment,
 
 
 def test_the_readme_command_line_runs(sd15, snapshot, tmp_path):
+    """The `genalign-train` entry point itself (hydra's command-line parsing), in this process: a fresh
+    interpreter would spend most of the test importing torch and diffusers."""
     out = tmp_path / "cli"
-    result = subprocess.run(
-        [sys.executable, "-m", "genalign.cli", "experiment=sd15_diffusion_dpo", f"adapter.path={sd15}",
-         f"data.path={snapshot}", f"output_dir={out}", *SHORT],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["genalign-train", "experiment=sd15_diffusion_dpo", f"adapter.path={sd15}", f"data.path={snapshot}",
+            f"output_dir={out}", *SHORT]
+    with mock.patch.object(sys, "argv", argv):
+        cli.train_main()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    saved = OmegaConf.load(out / "config.yaml")  # the resolved config, as the command line set it
+    assert (saved.adapter.path, saved.adapter.architecture, saved.data.path) == (str(sd15), "sd15", str(snapshot))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -274,6 +275,13 @@ def test_model_folder_errors_name_the_path_and_the_fix(sd15, sdxl, tmp_path):
     with pytest.raises(ValueError, match=rf"text encoder\(s\) of {narrow} give 8 features per token but "
                                          rf"{narrow / 'unet'} has cross_attention_dim=16"):
         ImageDiffusionAdapter.from_pretrained(narrow, architecture="sd15")
+
+
+def test_experts_at_another_size_than_the_sampler_are_refused(sd15, snapshot, tmp_path):
+    cfg = compose_experiment("sd15_diffusion_dro", f"adapter.path={sd15}", f"data.path={snapshot}",
+                             f"output_dir={tmp_path}", *SHORT, "data.resolution=32", *EXTRA["sd15_diffusion_dro"])
+    with pytest.raises(ValueError, match=r"'x0' has shapes \[\(4, 8, 8\), \(4, 16, 16\)\].*set data.resolution to 16"):
+        cli.run(cfg)
 
 
 def test_bad_shards_name_the_file_row_and_field(tmp_path):

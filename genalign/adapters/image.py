@@ -296,6 +296,15 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
             present = [v is not None for v in values]
             if any(present) and not all(present):
                 raise ValueError(f"cannot concatenate sample batches: {key!r} is set in some and missing in others")
+            shapes = sorted({tuple(v.shape[1:]) for v in values if v is not None})
+            if len(shapes) > 1:
+                hint = ""
+                if key == "x0":
+                    size = self.unwrapped_policy.config.sample_size
+                    hint = (f"; images scored with the model's own samples (Diffusion-DRO, online pairs) must have "
+                            f"the sampler's size, sample_size {size} x VAE factor {self.vae_scale}: set "
+                            f"data.resolution to {size * self.vae_scale if isinstance(size, int) else size}")
+                raise ValueError(f"cannot concatenate sample batches: {key!r} has shapes {shapes}{hint}")
             out[key] = torch.cat(values) if all(present) else None
         return out
 
