@@ -9,7 +9,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -23,15 +22,17 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2D
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import genalign.cli as cli
 from genalign.adapters.image import ImageDiffusionAdapter
 from genalign.data import pickapic
+from genalign.data.batching import pairwise_batch
 from genalign.data.pickapic_views import pickapic_experts, pickapic_pairs, pickapic_unpaired, split_files
 from tiny_sd import tiny_tokenizer, write_sd15, write_sdxl
 
-REPO = Path(__file__).resolve().parents[1]
 # (caption, label_0, label_1): 4 preferences and 2 ties
 ROWS = [("a red fox", 1.0, 0.0), ("a tie", 0.5, 0.5), ("a blue whale", 0.0, 1.0), ("a green frog", 0.0, 1.0),
         ("another tie", 0.5, 0.5), ("a yellow sun", 1.0, 0.0)]  # fmt: skip
@@ -124,6 +125,21 @@ def test_split_selection_ties_and_lazy_views(snapshot):
         unpaired[8]
 
 
+def test_pair_records_collate_with_their_own_sdxl_ids(sdxl, snapshot):
+    adapter = ImageDiffusionAdapter.from_pretrained(sdxl, architecture="sdxl", prompt_dropout=0.0)
+    pairs = pickapic_pairs(snapshot, resolution=16)
+    rows = [pairs[0], pairs[1]]
+    batch = pairwise_batch(adapter, rows)
+    for side in ("chosen", "rejected"):
+        expected = [[*r[side]["original_size"], *r[side]["crop_top_left"], 16, 16] for r in rows]
+        assert getattr(batch, side)["time_ids"].tolist() == expected
+        pixels = torch.stack([r[side]["image"] for r in rows])
+        assert torch.allclose(getattr(batch, side)["x0"], adapter.encode_images(pixels))
+    # pair 0 prefers jpg_0, 20 wide and 24 high: resized to 16 x 19 (w x h), cropped 1 row from the top
+    assert batch.chosen["time_ids"].tolist()[0] == [24, 20, 1, 0, 16, 16]
+    assert batch.rejected["time_ids"].tolist()[0] == [20, 24, 0, 1, 16, 16]  # jpg_1: 24 x 20 -> 19 x 16, 1 column off
+
+
 # ---------------------------------------------------------------------------------------------- experiments
 SHORT = ["train.max_steps=2", "train.batch_size=2", "train.gradient_accumulation_steps=1", "train.mixed_precision=no",
          "train.gradient_checkpointing=false", "train.save_every=0", "train.log_every=1", "train.warmup_steps=0",
@@ -207,16 +223,18 @@ def test_experiment_trains_two_steps_and_final_loads_in_the_pipeline(experiment,
 
 
 def test_the_readme_command_line_runs(sd15, snapshot, tmp_path):
+    """The `genalign-train` entry point itself (hydra's command-line parsing), in this process: a fresh
+    interpreter would spend most of the test importing torch and diffusers."""
     out = tmp_path / "cli"
-    result = subprocess.run(
-        [sys.executable, "-m", "genalign.cli", "experiment=sd15_diffusion_dpo", f"adapter.path={sd15}",
-         f"data.path={snapshot}", f"output_dir={out}", *SHORT],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = ["genalign-train", "experiment=sd15_diffusion_dpo", f"adapter.path={sd15}", f"data.path={snapshot}",
+            f"output_dir={out}", *SHORT]
+    with mock.patch.object(sys, "argv", argv):
+        cli.train_main()
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    saved = OmegaConf.load(out / "config.yaml")  # the resolved config, as the command line set it
+    assert (saved.adapter.path, saved.adapter.architecture, saved.data.path) == (str(sd15), "sd15", str(snapshot))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -248,6 +266,22 @@ def test_model_folder_errors_name_the_path_and_the_fix(sd15, sdxl, tmp_path):
     with pytest.raises(ValueError, match=rf"{other / 'tokenizer'} has {len(tokenizer)} tokens but "
                                          rf"{other / 'text_encoder'} embeds only {len(tokenizer) - 10}.*does not match"):
         ImageDiffusionAdapter.from_pretrained(other, architecture="sd15")
+
+    narrow = tmp_path / "narrow_text_encoder"  # a text encoder 8 wide for a UNet that cross-attends to 16 features
+    shutil.copytree(sd15, narrow)
+    config = CLIPTextConfig.from_pretrained(narrow / "text_encoder")
+    config.hidden_size, config.intermediate_size, config.projection_dim = 8, 16, 8
+    CLIPTextModel(config).save_pretrained(narrow / "text_encoder")
+    with pytest.raises(ValueError, match=rf"text encoder\(s\) of {narrow} give 8 features per token but "
+                                         rf"{narrow / 'unet'} has cross_attention_dim=16"):
+        ImageDiffusionAdapter.from_pretrained(narrow, architecture="sd15")
+
+
+def test_experts_at_another_size_than_the_sampler_are_refused(sd15, snapshot, tmp_path):
+    cfg = compose_experiment("sd15_diffusion_dro", f"adapter.path={sd15}", f"data.path={snapshot}",
+                             f"output_dir={tmp_path}", *SHORT, "data.resolution=32", *EXTRA["sd15_diffusion_dro"])
+    with pytest.raises(ValueError, match=r"'x0' has shapes \[\(4, 8, 8\), \(4, 16, 16\)\].*set data.resolution to 16"):
+        cli.run(cfg)
 
 
 def test_bad_shards_name_the_file_row_and_field(tmp_path):

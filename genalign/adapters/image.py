@@ -160,12 +160,16 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {path} does not exist; adapter.path=... must be a local diffusers "
                                     "folder (model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
-        for sub in ("unet", "scheduler") + (() if pixel_space else ("vae",)):
-            if not (path / sub / "config.json").is_file() and not (path / sub / "scheduler_config.json").is_file():
+        subfolders = ("unet", "scheduler") + (() if pixel_space else ("vae",))
+        for sub in subfolders:
+            if not (path / sub).is_dir():
                 hint = " (pass pixel_space=True for a model without a VAE)" if sub == "vae" else ""
-                state = "has no config" if (path / sub).is_dir() else "is missing"
-                raise FileNotFoundError(f"{path / sub} {state}: {path} is not a complete diffusers folder{hint}; copy "
-                                        f"the {sub}/ subfolder of the same model into it")
+                raise FileNotFoundError(f"{path / sub} is missing: {path} is not a complete diffusers folder{hint}; "
+                                        f"copy the {sub}/ subfolder of the same model into it")
+        for sub in subfolders:
+            if not any((path / sub / name).is_file() for name in ("config.json", "scheduler_config.json")):
+                raise FileNotFoundError(f"{path / sub} has no config.json (scheduler_config.json for scheduler/); "
+                                        f"copy the complete {sub}/ subfolder of the same model into {path}")
         _check_architecture(path, architecture)
         unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet")
         scheduler = DDPMScheduler.from_pretrained(str(path), subfolder="scheduler")
@@ -294,6 +298,15 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
             present = [v is not None for v in values]
             if any(present) and not all(present):
                 raise ValueError(f"cannot concatenate sample batches: {key!r} is set in some and missing in others")
+            shapes = sorted({tuple(v.shape[1:]) for v in values if v is not None})
+            if len(shapes) > 1:
+                hint = ""
+                if key == "x0":
+                    size = self.unwrapped_policy.config.sample_size
+                    hint = (f"; images scored with the model's own samples (Diffusion-DRO, online pairs) must have "
+                            f"the sampler's size, sample_size {size} x VAE factor {self.vae_scale}: set "
+                            f"data.resolution to {size * self.vae_scale if isinstance(size, int) else size}")
+                raise ValueError(f"cannot concatenate sample batches: {key!r} has shapes {shapes}{hint}")
             out[key] = torch.cat(values) if all(present) else None
         return out
 
