@@ -11,7 +11,9 @@ import importlib
 from typing import Sequence
 
 #: modules holding one subcommand each
-SUBCOMMANDS: tuple[str, ...] = ()
+SUBCOMMANDS: tuple[str, ...] = (
+    "genalign.eval.image_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
