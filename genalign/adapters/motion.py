@@ -346,8 +346,9 @@ class MotionAdapter(Adapter, DiffusionSampling):
         lengths = self._sample_lengths(n, 1, None, generator)
         device = next(self.unwrapped_policy.parameters()).device
         noise = randn_tensor((n, self.config.max_frames, self.config.feature_dim), generator=generator, device=device)
+        frames = max(int(lengths.max()), self.pad_frames or 0)
         out = self.sample(prompts, num_samples, generator=generator, lengths=lengths, timesteps=timesteps,
-                          start=noise[:, : max(int(lengths.max()), self.pad_frames or 0)], guidance_scale=guidance_scale, scheduler=scheduler,
+                          start=noise[:, :frames], guidance_scale=guidance_scale, scheduler=scheduler,
                           return_trajectory=True, null_condition=[p == "" for p in prompts])
         return {"cond": out["cond"], "mask": out["mask"]}, out["trajectory"]
 
