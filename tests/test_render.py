@@ -86,3 +86,20 @@ def test_bad_input_is_named(tmp_path):
         save_filmstrip(np.full((5, 22, 3), np.nan), tmp_path / "x.png")
     with pytest.raises(ValueError, match=".gif or .mp4"):
         save_animation(np.zeros((5, 22, 3)), tmp_path / "x.avi")
+
+
+def test_comparison_strip_layout_and_errors(wave, tmp_path):
+    from genalign.render.skeleton import save_comparison
+
+    joints, caption = wave
+    rows = [("base", [joints, joints[::-1]]), ("trained", [joints, joints])]
+    path = save_comparison(rows, [caption, "walks back"], tmp_path / "strip.png", k=3, panel_px=60)
+    with Image.open(path) as image:
+        assert image.size == (60 + 2 * 3 * 60, int(2.4 * 60))  # label margin + 2 captions x 3 frames; title + 2 rows
+        pixels = np.asarray(image.convert("RGB"))
+    for r in range(2):  # both rows draw limbs in both captions' cells
+        for c in range(2):
+            cell = pixels[int(0.4 * 60) + r * 60 : int(0.4 * 60) + (r + 1) * 60, 60 + c * 180 : 60 + (c + 1) * 180]
+            assert (colour_mask(cell, (31, 95, 191)) | colour_mask(cell, (214, 39, 40))).sum() > 10
+    with pytest.raises(ValueError, match="row 'trained' has 1 motions for 2 captions"):
+        save_comparison([("trained", [joints])], [caption, "x"], tmp_path / "bad.png")

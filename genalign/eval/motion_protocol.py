@@ -23,7 +23,10 @@ A folder of already generated motions cannot be regenerated: :func:`folder_motio
 then re-draw captions, crops and batches only (reported as ``regenerated: false``).
 
 Captions enter the evaluator as the test set's ``word/POS`` tokens (a caption line without them is refused naming
-the file and line); motions are normalised with the evaluator's own statistics (``evaluator.normalize``).
+the file and line); motions are normalised with the evaluator's own statistics (``evaluator.normalize``) and zeroed
+after their length, as the official loader pads real motions (MDM's own script feeds its generated motions
+unzeroed past the length; only the last movement token's receptive field sees the difference). A folder's motions
+are scored at their own length (cut to ``max_motion_length``), paired with the caption drawn for their clip.
 """
 
 from __future__ import annotations
