@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -32,6 +33,9 @@ from genalign.data.digits import DigitsDataset, parse_digit
 from genalign.data.digits_rows import all_captions, classifier_reward
 from genalign.data.motion_rows import demonstration_rows, synthetic_motion_root
 from genalign.data.humanml3d import HumanML3DDataset
+from test_mdm_official import CAPTIONS, CLIP_DIM, official_args, random_official_state, save_official, tiny_clip, write_humanml3d
+from test_sd_experiments import NON_TIED, ROWS, write_pickapic
+from tiny_sd import write_sd15
 
 DATA_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -191,6 +195,68 @@ def check_rewards_jsonl(rows, cfg, tmp):
                                                                          for o in REWARDS]
 
 
+def _pickapic_overrides(tmp: Path) -> list[str]:
+    """A tiny SD 1.5 folder and a Pick-a-Pic v2 snapshot (train shard with ties, a test shard that must stay out)."""
+    snapshot = tmp / "pickapic_v2" / "data"
+    write_pickapic(snapshot / "train-00000-of-00001-0123abcd.parquet", ROWS)
+    write_pickapic(snapshot / "test-00000-of-00001-4567ef01.parquet", [("held out", 1.0, 0.0)])
+    (tmp / "sd15").mkdir()
+    return [f"adapter.path={write_sd15(tmp / 'sd15')}", f"data.path={snapshot.parent}", "data.resolution=16"]
+
+
+def _preferred_size(label_0: float) -> tuple[int, int]:
+    """(height, width) of the preferred image: write_pickapic's jpg_0 files are 20 wide x 24 high, jpg_1 24 x 20."""
+    return (24, 20) if label_0 == 1.0 else (20, 24)
+
+
+def _check_image(side: dict) -> None:
+    assert side["image"].shape == (3, 16, 16) and side["image"].min() >= -1 and side["image"].max() <= 1
+
+
+def check_pickapic(rows, cfg, tmp):
+    assert (len(rows), rows.num_rows, rows.num_ties) == (len(NON_TIED), len(ROWS), 2)  # ties dropped and counted
+    for k, (caption, label_0, _) in enumerate(NON_TIED):
+        row = rows[k]
+        assert row["prompt"] == caption
+        assert row["chosen"]["original_size"] == _preferred_size(label_0)
+        assert row["rejected"]["original_size"] == _preferred_size(1.0 - label_0)
+        _check_image(row["chosen"]), _check_image(row["rejected"])
+
+
+def check_pickapic_experts(rows, cfg, tmp):
+    assert [rows[k]["prompt"] for k in range(len(rows))] == [caption for caption, _, _ in NON_TIED]
+    for k, (_, label_0, _) in enumerate(NON_TIED):
+        assert rows[k]["response"]["original_size"] == _preferred_size(label_0)
+        _check_image(rows[k]["response"])
+
+
+def check_pickapic_unpaired(rows, cfg, tmp):
+    assert len(rows) == 2 * len(NON_TIED)  # both images of every non-tied pair
+    for k, (caption, label_0, _) in enumerate(NON_TIED):
+        liked, disliked = rows[2 * k], rows[2 * k + 1]
+        assert liked["prompt"] == disliked["prompt"] == caption
+        assert (liked["desirable"], disliked["desirable"]) == (True, False)
+        assert liked["response"]["original_size"] == _preferred_size(label_0)
+        assert disliked["response"]["original_size"] == _preferred_size(1.0 - label_0)
+
+
+def _humanml3d_overrides(tmp: Path) -> list[str]:
+    """An official-layout MDM checkpoint with a tiny CLIP text encoder and a HumanML3D folder whose 30- and
+    210-frame motions break the length rules."""
+    checkpoint = save_official(tmp / "save", random_official_state("trans_enc", CLIP_DIM), official_args())
+    return [f"adapter.path={checkpoint}", f"adapter.text_encoder={tiny_clip(tmp / 'clip', CLIP_DIM)}",
+            f"data.root={write_humanml3d(tmp / 'HumanML3D')}"]
+
+
+def check_humanml3d(rows, cfg, tmp):
+    root = Path(cfg.data.root)
+    assert [r["motion_id"] for r in rows] == ["000000", "000001", "000002", "000003"]  # 30 and 210 frames dropped
+    for i, r in enumerate(rows):
+        raw = np.load(root / "new_joint_vecs" / f"{r['motion_id']}.npy")  # 48/52/60/44 frames: multiples of 4
+        np.testing.assert_allclose(r["response"].numpy(), (raw - 0.1) / 1.5, rtol=1e-6, atol=1e-6)  # Mean 0.1, Std 1.5
+        assert r["prompt"] == CAPTIONS[i % 3]
+
+
 SHRINK_DIGITS = ["data.train.prompts_per_caption=1", "data.train.num_samples=2", "data.train.num_inference_steps=2"]
 SHRINK_MOTION = ["data.train.num_prompts=2", "data.train.num_inference_steps=2"]
 CASES = {
@@ -202,6 +268,7 @@ CASES = {
     "digits_labels": Case("digits_kto", check_digits_labels, lambda tmp: SHRINK_DIGITS),
     "digits_pairs": Case("digits_dpo", check_digits_pairs, lambda tmp: SHRINK_DIGITS),
     "digits_prompts": Case("digits_oaif", check_digits_prompts),
+    "humanml3d": Case("mdm_sopo", check_humanml3d, _humanml3d_overrides),
     "jsonl": Case("text_dpo", check_jsonl, lambda tmp: [f"data.path={_write_jsonl(tmp / 'pairs.jsonl', PAIRS)}"]),
     "hf_preference": Case("text_dpo", check_hf_preference,
                           lambda tmp: [f"data.path={_ultrafeedback_snapshot(tmp / 'uf')}", "data.split=train_prefs"]),
@@ -212,6 +279,9 @@ CASES = {
                           lambda tmp: [*SHRINK_MOTION, "data.train.num_samples=4", "data.train.threshold=0.04"]),
     "motion_pairs": Case("motion_modipo", check_motion_pairs, lambda tmp: [*SHRINK_MOTION, "data.train.num_samples=2"]),
     "motion_prompts": Case("motion_oaif", check_motion_prompts, lambda tmp: ["data.train.num_prompts=8"]),
+    "pickapic": Case("sd15_diffusion_dpo", check_pickapic, _pickapic_overrides),
+    "pickapic_experts": Case("sd15_diffusion_dro", check_pickapic_experts, _pickapic_overrides),
+    "pickapic_unpaired": Case("sd15_diffusion_kto", check_pickapic_unpaired, _pickapic_overrides),
     "rewards_jsonl": Case("text_dro", check_rewards_jsonl,
                           lambda tmp: [f"data.path={_write_jsonl(tmp / 'rewards.jsonl', REWARDS)}", "data.low=0",
                                        "data.high=1"]),
@@ -240,6 +310,21 @@ def test_data_config_builds_its_rows(name, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ evaluator=none
+def _fill_missing(cfg):
+    """The config with every mandatory ``???`` value the user gives on the command line (``adapter.path``,
+    ``data.path``, ``data.root`` of the real-model experiments) set to a marker, so that it resolves."""
+    def missing(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from missing(value, f"{prefix}{key}.")
+            elif value == "???":
+                yield f"{prefix}{key}"
+
+    for key in list(missing(OmegaConf.to_container(cfg, resolve=False))):
+        OmegaConf.update(cfg, key, f"<{key}>")
+    return cfg
+
+
 def test_evaluator_none_changes_nothing_but_the_evaluation():
     """Under ``evaluator=none`` every experiment composes and resolves and its evaluator node is empty (the CLI then
     trains without one). Where a key outside the evaluator takes a value from it (``${...evaluator.KEY...}``), it
@@ -249,11 +334,11 @@ def test_evaluator_none_changes_nothing_but_the_evaluation():
         for name in EXPERIMENTS:
             base = [f"experiment={name}", "output_dir=/tmp/unused"]
             none_cfg = compose(config_name="config", overrides=[*base, "evaluator=none"])
-            none = OmegaConf.to_container(none_cfg, resolve=True)
+            none = OmegaConf.to_container(_fill_missing(none_cfg), resolve=True)
             assert none.pop("evaluator") == {}, f"{name}: the experiment sets evaluator keys"
             if not EVALUATOR_REFERENCE.search(OmegaConf.to_yaml(none_cfg)):
                 continue
-            own = OmegaConf.to_container(compose(config_name="config", overrides=base), resolve=True)
+            own = OmegaConf.to_container(_fill_missing(compose(config_name="config", overrides=base)), resolve=True)
             own.pop("evaluator")
             assert none == own, name
             compared.append(name)

@@ -292,7 +292,7 @@ def test_bad_shards_name_the_file_row_and_field(tmp_path):
                              jpg_0=[jpeg(i) if i != 5 else b"\xff\xd8 not a jpeg" for i in range(len(ROWS))])
     experts = pickapic_experts(corrupt, resolution=16)
     assert experts[0]["response"]["image"].shape == (3, 16, 16)
-    with pytest.raises(ValueError, match=rf"{corrupt} row 5 field 'jpg_0': cannot decode"):
+    with pytest.raises(ValueError, match=rf"{corrupt} row group \d+ row 5, column 'jpg_0': cannot decode"):
         experts[3]  # the 4th non-tied pair is file row 5, label (1, 0): its chosen image is the corrupt jpg_0
     with pytest.raises(FileNotFoundError, match="data.path=... takes a parquet file"):
         pickapic_pairs(tmp_path / "absent")

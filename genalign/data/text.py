@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 from genalign.data.batching import pairs_to_unpaired  # KTO on paired rows: chosen desirable, rejected not
 
 __all__ = [
-    "read_pairwise", "read_unpaired", "pairs_from_lists", "pairs_to_unpaired", "pairwise_row", "unpaired_row",
+    "read_pairwise", "read_unpaired", "read_prompts", "pairs_from_lists", "pairs_to_unpaired", "pairwise_row", "unpaired_row",
     "jsonl_records",
 ]
 
@@ -37,6 +37,18 @@ def read_pairwise(path: str | Path) -> list[dict[str, Any]]:
 def read_unpaired(path: str | Path) -> list[dict[str, Any]]:
     """Unpaired rows ``{prompt, completion, label | reward}`` of a JSONL file."""
     return [dict(unpaired_row(obj, where), row=i, source=where) for i, (where, obj) in enumerate(jsonl_records(path))]
+
+
+def read_prompts(path: str | Path) -> list[Any]:
+    """The ``prompt`` of every line of a JSONL file (checked as the training readers check it)."""
+    prompts = []
+    for where, obj in jsonl_records(path):
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            raise ValueError(f"{where}: a prompt row must be a JSON object with a 'prompt' field")
+        prompts.append(_prompt(obj["prompt"], where))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (the file has no non-empty line)")
+    return prompts
 
 
 def pairs_from_lists(

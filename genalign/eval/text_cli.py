@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from genalign.adapters.text import TRUNCATION_MODES, TextAdapter
-from genalign.data.text import _jsonl, _prompt, read_pairwise
+from genalign.data.text import read_pairwise, read_prompts
 from genalign.eval.text import implicit_reward_accuracy, win_rate
 
 
@@ -48,18 +48,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.set_defaults(func=main)
-
-
-def read_prompts(path: str | Path) -> list[Any]:
-    """The ``prompt`` of every line of a JSONL file (checked as the training readers check it)."""
-    prompts = []
-    for where, obj in _jsonl(path):
-        if not isinstance(obj, dict) or "prompt" not in obj:
-            raise ValueError(f"{where}: a prompt row must be a JSON object with a 'prompt' field")
-        prompts.append(_prompt(obj["prompt"], where))
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (the file has no non-empty line)")
-    return prompts
 
 
 def answers(adapter: TextAdapter, prompts: list[Any], *, base: bool, args: argparse.Namespace) -> tuple[list[str], int]:
