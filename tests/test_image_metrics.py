@@ -131,12 +131,17 @@ def tf1_resize_numpy(x: np.ndarray, size: int) -> np.ndarray:
     return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    state = random_inception_state()
-    path = tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
+def write_inception_file(folder, seed: int = 0):
+    """Random FID InceptionV3 weights saved as ``folder/pt_inception-2015-12-05-6726825d.pth``; (path, state)."""
+    state = random_inception_state(seed)
+    path = folder / "pt_inception-2015-12-05-6726825d.pth"
     torch.save(state, path)
     return path, state
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    return write_inception_file(tmp_path_factory.mktemp("fid"))
 
 
 def images(n: int, h: int, w: int, seed: int, channels: int = 3) -> torch.Tensor:
@@ -205,10 +210,19 @@ def test_inception_equals_torch_fidelity_and_pytorch_fid_where_installed(incepti
 
 
 # ----------------------------------------------------------------------------------------- CLIP-based scorers
+#: the tiny PickScore folder's logit scale: another value than CLIP's default 1/0.07, so the tests see that the
+#: folder's own value is used
+PICK_LOGIT_SCALE = 37.0
+
+
+def write_pick_folder(folder):
+    """A tiny PickScore_v1-layout CLIP folder (logit scale :data:`PICK_LOGIT_SCALE`); (folder, model, tokenizer)."""
+    return write_tiny_clip(folder, logit_scale=math.log(PICK_LOGIT_SCALE), seed=4)
+
+
 @pytest.fixture(scope="module")
 def pick_folder(tmp_path_factory):
-    # a logit scale other than CLIP's default 1/0.07, so the test sees that the folder's own value is used
-    return write_tiny_clip(tmp_path_factory.mktemp("pickscore"), logit_scale=math.log(37.0), seed=4)
+    return write_pick_folder(tmp_path_factory.mktemp("pickscore"))
 
 
 def test_pickscore_is_the_scaled_cosine_of_the_folders_clip(pick_folder):
@@ -216,7 +230,7 @@ def test_pickscore_is_the_scaled_cosine_of_the_folders_clip(pick_folder):
     x = images(3, 32, 32, seed=6)
     prompts = ["a red cat", "a blue house", "the digit 3"]
     vision, text = clip_embeddings_by_hand(model, tokenizer, x, prompts)
-    expected = 37.0 * (vision * text).sum(-1)
+    expected = PICK_LOGIT_SCALE * (vision * text).sum(-1)
     scores = PickScorer(folder)(x, prompts)
     assert scores.shape == (3,)
     # float32 towers on the same inputs; 37 × cos with cos error ~1e-6
@@ -244,22 +258,40 @@ def test_pickscore_folder_errors_name_the_path_and_the_expected_files(pick_folde
     assert torch.isfinite(PickScorer(no_processor, processor_path=folder)(images(1, 32, 32, 0), ["a cat"])).all()
 
 
-def test_aesthetic_predictor_is_the_mlp_on_normalised_clip_image_embeddings(pick_folder, tmp_path):
-    folder, model, tokenizer = pick_folder
-    g = torch.Generator().manual_seed(7)
-    sizes = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]  # 16 = the tiny CLIP's projection_dim (768 for L/14)
+AESTHETIC_LAYERS = (0, 2, 4, 6, 7)  # the predictor's nn.Sequential indices of its linear layers
+
+
+def write_aesthetic_mlp(folder, seed: int = 7, input_size: int = 16):
+    """Random LAION aesthetic MLP weights (the v2 ``.pth`` layout) on ``input_size``-d CLIP embeddings (16 = the
+    tiny CLIP's projection_dim, 768 for L/14), saved as ``folder/sac+logos+ava1-l14-linearMSE.pth``; (path, state)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(input_size, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
     state = {}
-    for index, (fan_in, fan_out) in zip((0, 2, 4, 6, 7), sizes):  # the predictor's nn.Sequential indices
+    for index, (fan_in, fan_out) in zip(AESTHETIC_LAYERS, sizes):
         state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=g) / math.sqrt(fan_in)
         state[f"layers.{index}.bias"] = torch.randn(fan_out, generator=g)
-    torch.save(state, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    scorer = AestheticScorer(folder, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    x = images(4, 32, 32, seed=8)
-    h = clip_embeddings_by_hand(model, tokenizer, x)
-    for index in (0, 2, 4, 6, 7):  # linear layers only: dropout is off at evaluation
+    path = folder / "sac+logos+ava1-l14-linearMSE.pth"
+    torch.save(state, path)
+    return path, state
+
+
+def aesthetic_by_hand(state: dict[str, torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
+    """``[N]`` aesthetic scores of unit-norm CLIP image embeddings: the linear layers only (dropout is off at
+    evaluation)."""
+    h = embeddings
+    for index in AESTHETIC_LAYERS:
         h = h @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
+    return h.squeeze(-1)
+
+
+def test_aesthetic_predictor_is_the_mlp_on_normalised_clip_image_embeddings(pick_folder, tmp_path):
+    folder, model, tokenizer = pick_folder
+    path, state = write_aesthetic_mlp(tmp_path)
+    scorer = AestheticScorer(folder, path)
+    x = images(4, 32, 32, seed=8)
     scores = scorer(x, [""] * 4)
-    assert scores.shape == (4,) and torch.allclose(scores, h.squeeze(-1), atol=1e-4)
+    expected = aesthetic_by_hand(state, clip_embeddings_by_hand(model, tokenizer, x))
+    assert scores.shape == (4,) and torch.allclose(scores, expected, atol=1e-4)
     wrong = {k: v for k, v in state.items() if not k.startswith("layers.7")}
     torch.save(wrong, tmp_path / "short.pth")
     with pytest.raises(ValueError, match=r"short\.pth does not fit the aesthetic MLP on 16-d CLIP embeddings: keys \['7\.bias', '7\.weight'\]"):
