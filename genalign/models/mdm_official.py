@@ -38,6 +38,7 @@ HumanML3D/KIT; :class:`DistilBertTextEncoder` gives the token states and mask of
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import re
@@ -475,7 +476,7 @@ def load_official_mdm(checkpoint: str | Path, *, use_avg: bool | None = None, **
 
 
 # ---------------------------------------------------------------------------------------------------- text encoders
-class _CachedEncoder:
+class _CachedEncoder(abc.ABC):
     """Per-caption in-memory cache around ``_encode_uncached`` (each caption is encoded once per run)."""
 
     dim: int
@@ -496,8 +497,9 @@ class _CachedEncoder:
                 self._cache.update(zip(chunk, self._encode_uncached(chunk).float().cpu()))
         return torch.stack([self._cache[c] for c in captions]) if captions else torch.zeros(0, self.dim)
 
+    @abc.abstractmethod
     def _encode_uncached(self, captions: list[str]) -> torch.Tensor:
-        raise NotImplementedError
+        """``[len(captions), dim]`` features of captions not yet in the cache."""
 
 
 def _local_folder(path: str | Path | None, what: str) -> str:
