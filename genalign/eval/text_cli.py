@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from genalign.adapters.text import TRUNCATION_MODES, TextAdapter
-from genalign.data.text import read_pairwise, read_prompts
+from genalign.data.hf_preference import read_preferences
+from genalign.data.text import read_prompts
 from genalign.eval.text import implicit_reward_accuracy, win_rate
 
 
@@ -32,7 +33,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--base", help="the base model folder (the reference); a LoRA folder records its own")
     parser.add_argument("--prompts", help="JSONL of held-out prompts, one {\"prompt\": ...} per line (string or "
                         "chat messages; other fields are ignored, so a preference file works too)")
-    parser.add_argument("--pairs", help="JSONL of held-out preference pairs {prompt, chosen, rejected}")
+    parser.add_argument("--pairs", help="held-out preference pairs: a JSONL/parquet file or a dataset snapshot folder in "
+                        "any layout data=hf_preference reads (prompt/chosen/rejected, UltraFeedback/TRL "
+                        "conversational, Anthropic HH)")
+    parser.add_argument("--pairs-split", help="with a snapshot folder: the split's shards to read (e.g. test_prefs)")
     parser.add_argument("--reward-model", help="local AutoModelForSequenceClassification folder (num_labels=1); "
                         "needed with --prompts")
     parser.add_argument("--out", required=True, help="folder for metrics.json and samples.jsonl")
@@ -68,6 +72,15 @@ def answers(adapter: TextAdapter, prompts: list[Any], *, base: bool, args: argpa
     return texts, unfinished
 
 
+def read_pairs(path: str, split: str | None) -> list[dict[str, Any]]:
+    """Held-out pairs through :func:`read_preferences`; unpaired (KTO-layout) rows have no implicit-reward margin."""
+    rows = read_preferences(path, split=split)
+    if rows and "chosen" not in rows[0]:
+        raise SystemExit(f"genalign-eval text: {path} holds unpaired rows (prompt/completion/label); --pairs needs "
+                         "chosen/rejected pairs")
+    return rows
+
+
 def main(args: argparse.Namespace) -> int:
     if not (args.prompts or args.pairs):
         raise SystemExit("genalign-eval text: give --prompts (with --reward-model) and/or --pairs")
@@ -80,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k != "func"}}
     if args.pairs:
-        metrics.update(implicit_reward_accuracy(adapter, read_pairwise(args.pairs), args.beta,
+        metrics.update(implicit_reward_accuracy(adapter, read_pairs(args.pairs, args.pairs_split), args.beta,
                                                 batch_size=args.batch_size))
     if args.prompts:
         from genalign.rewards.sequence_classifier import SequenceClassifierReward
