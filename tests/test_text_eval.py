@@ -176,3 +176,24 @@ def test_genalign_eval_text_refuses_incomplete_arguments(folders, tmp_path):
         TextAdapter.from_trained(folders["base"])
     with pytest.raises(FileNotFoundError, match="did you mean .*final"):
         TextAdapter.from_trained(folders["final"].parent)
+
+
+def test_held_out_pairs_in_the_anthropic_hh_layout(folders, tmp_path):
+    """``--pairs`` takes the layouts training takes: HH transcripts score as the same conversation written as
+    message lists (the shared "Human" turn is the prompt); KTO-layout rows have no pair and are refused."""
+    hh = [{"chosen": f"\n\nHuman: {p['prompt']}\n\nAssistant:{p['chosen']}",
+           "rejected": f"\n\nHuman: {p['prompt']}\n\nAssistant:{p['rejected']}"} for p in PAIRS]
+    as_messages = [{"prompt": [{"role": "user", "content": p["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": p["chosen"].lstrip()}],
+                    "rejected": [{"role": "assistant", "content": p["rejected"].lstrip()}]} for p in PAIRS]
+    out = tmp_path / "hh"
+    assert eval_main(["text", "--model", str(folders["final"]), "--pairs", str(write_jsonl(tmp_path / "hh.jsonl", hh)),
+                      "--out", str(out), "--max-length", "64", "--max-prompt-length", "32"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    adapter = TextAdapter.from_trained(folders["final"], max_length=64, max_prompt_length=32)
+    expected = implicit_reward_accuracy(adapter, as_messages)
+    assert metrics["implicit_reward_accuracy"] == expected["implicit_reward_accuracy"]
+    assert metrics["mean_margin"] == pytest.approx(expected["mean_margin"], abs=1e-6)
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "say hello", "completion": " hi", "label": True}])
+    with pytest.raises(SystemExit, match=r"kto\.jsonl holds unpaired rows .* --pairs needs chosen/rejected pairs"):
+        eval_main(["text", "--model", str(folders["final"]), "--pairs", str(kto), "--out", str(tmp_path / "k")])
