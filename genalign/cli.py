@@ -54,7 +54,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     train_cfg = TrainConfig(output_dir=str(out), **OmegaConf.to_container(cfg.train, resolve=True))
     metrics = Trainer(adapter, step, rows, train_cfg, evaluate=evaluator).train()
     if main_process:
-        print(format_before_after(metrics))
+        print(format_before_after(metrics) if evaluator is not None else
+              f"no evaluation (evaluator=none); trained weights in {out / 'final'}")
     return metrics
 
 

@@ -360,6 +360,7 @@ def test_cli_trains_on_a_jsonl_file_without_an_evaluator(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["before"] == {} and metrics["after"] == {}
+    assert f"no evaluation (evaluator=none); trained weights in {out / 'final'}" in result.stdout
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1, 2]
     assert math.isclose(log[0]["loss"], math.log(2), abs_tol=1e-4)
