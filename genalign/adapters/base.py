@@ -59,6 +59,14 @@ class Adapter(abc.ABC):
     ) -> SampleBatch:
         """Draw ``num_samples`` samples per condition (condition-major) from the policy or the reference."""
 
+    def row_wise_draws(self, **sample_kwargs: Any) -> bool:
+        """Whether :meth:`sample` with these keywords draws from its generator only tensors whose leading dimension
+        is the sample and whose other dimensions do not depend on the other samples. Then, under
+        :meth:`genalign.distributed.Shard.draws`, a process sampling only its own rows draws exactly the numbers
+        the one-process run draws for them (:func:`genalign.online.global_batch.draw`). False unless an adapter
+        knows better: language-model ``generate`` and tabular ``multinomial`` draw for the batch as a whole."""
+        return False
+
     # ----------------------------------------------------------------------------------------------
     def score_pairs(
         self,

@@ -88,6 +88,12 @@ def sampler_groups(
     return groups
 
 
+def one_grid(timesteps: torch.Tensor | None) -> bool:
+    """Whether every sample runs on the same timestep grid (one scheduler group, whose per-step noise is one
+    ``[N, ...]`` draw); per-sample grids group the samples by grid and draw each group's noise together."""
+    return timesteps is None or timesteps.ndim == 1 or bool((timesteps == timesteps[:1]).all())
+
+
 def sampler_start(
     groups: list[tuple[Any, torch.Tensor]], shape: tuple[int, ...], generator: torch.Generator | None,
     device: torch.device, start: torch.Tensor | None = None,

@@ -34,7 +34,7 @@ from peft.utils import get_peft_model_state_dict
 
 from genalign.adapters.base import Adapter
 from genalign.adapters.clip_prompt import CLIPPromptEncoder
-from genalign.adapters.diffusion_sampling import DiffusionSampling, run_sampler, sampler_groups, sampler_start
+from genalign.adapters.diffusion_sampling import DiffusionSampling, one_grid, run_sampler, sampler_groups, sampler_start
 from genalign.adapters.diffusion_scores import (
     TrajectoryState,
     check_prediction_type,
@@ -460,6 +460,11 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         if return_trajectory:
             out["trajectory"] = states
         return out
+
+    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: images have one shape, so the initial noise ``[N, C, H, W]`` and DDPM's
+        per-step noise are row-wise whenever every sample runs on one timestep grid."""
+        return one_grid(timesteps)
 
     def trajectories(
         self,

@@ -33,7 +33,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from genalign.adapters.base import Adapter
-from genalign.adapters.diffusion_sampling import DiffusionSampling, run_sampler, sampler_groups, sampler_start
+from genalign.adapters.diffusion_sampling import DiffusionSampling, one_grid, run_sampler, sampler_groups, sampler_start
 from genalign.adapters.diffusion_scores import TrajectoryState, denoising_score, denoising_target, draw_noise
 from genalign.models.mdm import MotionDenoiser
 from genalign.models.text_condition import TextCondition
@@ -326,6 +326,13 @@ class MotionAdapter(Adapter, DiffusionSampling):
         if return_trajectory:
             out["trajectory"] = states
         return out
+
+    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: the frame counts are one draw per caption, but the noise ``[N, frames,
+        D]`` is padded to the longest motion of the batch, so it is row-wise only when every batch is padded to
+        ``max_frames`` (``pad_frames``, e.g. the official MDM trained without ``--mask_frames``) and every sample
+        runs on one timestep grid."""
+        return self.pad_frames == self.config.max_frames and one_grid(timesteps)
 
     def trajectories(
         self,

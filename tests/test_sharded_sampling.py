@@ -1,0 +1,153 @@
+"""Sharded sampling (genalign.online.global_batch.draw): a sampler whose draws are row-wise samples only this
+process's rows under ``Shard.draws`` and still draws the one-process run's samples for them.
+
+* Unit level, no processes: sampling a global batch in one call equals sampling its two halves, each under
+  ``Shard(r, 2).draws`` (the draws of the global batch, sliced), for the image sampler (DDPM noise at every step)
+  and for a motion model padded to ``max_frames``; a motion model padded to each batch's longest motion is not
+  row-wise (negative control) and says so.
+* End to end: OAIF and Nash-MD (geometric-mixture samples) on a pixel diffusion model, two gloo processes vs one
+  with the same global batch: every logged value and the final weights agree, while each process sampled only its
+  half of the rows.
+
+Tolerance: the halves go through the networks as smaller batches, whose float32 sums may be ordered differently
+(different GEMM blocking), so samples agree to a few float32 ulps of their ~1-sized values (1e-5 here, ~100 ulp),
+not bit for bit; the losses below agree to 1e-5 (DPO at beta 5 on ~1-sized scores moves the loss by < beta * the
+score change).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_motion_experiment import FakeText, tiny_denoiser
+from tiny_pixel import pixel_adapter
+from test_distributed import Tolerance, assert_weights_close
+from two_processes import run_two_processes
+
+from genalign.adapters.motion import MotionAdapter
+from genalign.distributed import Shard
+from genalign.models.mdm import MotionDenoiser, MotionDenoiserConfig
+from genalign.online.judges import RewardJudge
+from genalign.online.nash_md import NashMDStep
+from genalign.online.oaif import OAIFStep
+from genalign.train import Trainer, TrainConfig
+
+SAMPLE_TOL = 1e-5
+TOL = 1e-5
+PROMPTS = ["a cat", "a dog", "a fox", "an owl"]
+
+
+def halves_under_shards(adapter, key: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the global batch sampled in one call, its two halves each sampled under its shard's draws)."""
+    whole = adapter.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(7), **kwargs)[key]
+    parts = []
+    for rank in (0, 1):
+        generator = torch.Generator().manual_seed(7)
+        with Shard(rank, 2).draws(generator):
+            parts.append(adapter.sample(PROMPTS[2 * rank : 2 * rank + 2], 2, generator=generator, **kwargs)[key])
+    return whole, torch.cat(parts)
+
+
+def test_image_sampler_draws_are_row_wise():
+    adapter = pixel_adapter()
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "scheduler": "ddpm"}  # DDPM: fresh noise every step
+    assert adapter.row_wise_draws(**kwargs)
+    whole, halves = halves_under_shards(adapter, "x0", **kwargs)
+    torch.testing.assert_close(halves, whole, atol=SAMPLE_TOL, rtol=0)
+    grids = torch.tensor([[30, 10], [31, 11]]).repeat(4, 1)  # per-sample grids: noise drawn per grid group
+    assert not adapter.row_wise_draws(timesteps=grids) and adapter.row_wise_draws(timesteps=grids[:1].repeat(8, 1))
+
+
+def motion_adapter(pad_frames: int | None) -> MotionAdapter:
+    torch.manual_seed(0)
+    model = MotionDenoiser(MotionDenoiserConfig(d_model=16, num_layers=1, num_heads=2, ff_dim=32, max_frames=24))
+    return MotionAdapter(model, FakeText(), num_train_timesteps=50, pad_frames=pad_frames)
+
+
+def test_motion_sampler_draws_are_row_wise_when_padded_to_max_frames():
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 1.0, "scheduler": "ddpm"}
+    padded = motion_adapter(pad_frames=24)
+    assert padded.row_wise_draws(**kwargs)
+    whole, halves = halves_under_shards(padded, "motion", **kwargs)
+    torch.testing.assert_close(halves, whole, atol=SAMPLE_TOL, rtol=0)
+    # padded to each batch's longest motion: a half's noise has another shape, so its samples differ
+    unpadded = motion_adapter(pad_frames=None)
+    assert not unpadded.row_wise_draws(**kwargs)
+    assert tiny_denoiser().config.max_frames == 64  # the shared test model is unpadded too
+
+
+def test_motion_without_fixed_padding_would_draw_other_samples():
+    """Why row_wise_draws is False there: the same halves-under-shards sampling gives other motions."""
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 1.0, "scheduler": "ddpm",
+              "lengths": [5, 9, 20, 7]}  # the first half's longest motion (9) is shorter than the batch's (20)
+    whole, halves = halves_under_shards(motion_adapter(pad_frames=None), "motion", **kwargs)
+    assert (halves[:4, :9] - whole[:4, :9]).abs().max() > 0.1
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+def brightness(prompts, images):
+    """A continuous reward (mean pixel value): no ties between two samples."""
+    return torch.stack([image.float().mean() for image in images])
+
+
+SAMPLE = {"num_inference_steps": 3, "guidance_scale": 1.0, "scheduler": "ddpm"}
+SCENARIOS = {
+    "oaif": lambda: OAIFStep(RewardJudge(brightness), beta=5.0, sample=SAMPLE),
+    "nash_md": lambda: NashMDStep(RewardJudge(brightness), beta=5.0, mixture=0.5, sample=SAMPLE),
+}
+GLOBAL_BATCH, STEPS, LR = 8, 3, 1e-3
+#: Adam divides each gradient element by its own magnitude: an element whose gradient is as small as the samples'
+#: rounding noise may step the other way, by at most Adam's largest move (1 − β1)/√(1 − β2)·lr per step in each run;
+#: at most 1 % of the elements (as tests/test_distributed.py bounds it for Diffusion-KTO)
+WEIGHTS = Tolerance(weight_fraction=0.01, flip_size=2 * STEPS * LR * (1 - 0.9) / (1 - 0.999) ** 0.5)
+
+
+def train(name: str, output_dir) -> dict:
+    torch.manual_seed(0)
+    adapter = pixel_adapter()
+    sampled = []
+    sample = adapter.sample
+
+    def counting_sample(conditions, num_samples=1, **kwargs):
+        sampled.append(len(conditions) * num_samples)
+        return sample(conditions, num_samples, **kwargs)
+
+    adapter.sample = counting_sample
+    rows = [{"prompt": PROMPTS[i % 4], "row": i} for i in range(16)]
+    cfg = TrainConfig(output_dir=str(output_dir / name), max_steps=STEPS, batch_size=GLOBAL_BATCH,
+                      gradient_accumulation_steps=1, learning_rate=LR, log_every=1, save_every=0, seed=3)
+    history = Trainer(adapter, SCENARIOS[name](), rows, cfg).train()["history"]
+    weights = {k: p.detach().clone() for k, p in adapter.unwrapped_policy.named_parameters() if p.requires_grad}
+    return {"history": history, "weights": weights, "sampled": sampled}
+
+
+def _worker(rank: int, output_dir, result_file) -> None:
+    results = {name: train(name, output_dir) for name in SCENARIOS}
+    torch.save(results, f"{result_file}.{rank}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded_sampling")
+    run_two_processes(_worker, root / "two", root / "two.pt")
+    two = [torch.load(f"{root / 'two.pt'}.{rank}", weights_only=False) for rank in (0, 1)]
+    one = {name: train(name, root / "one") for name in SCENARIOS}
+    return one, two
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_processes_sampling_half_each_equal_one_process(runs, name):
+    one, two = runs
+    per_call = 2 if name == "oaif" else 1  # OAIF: two responses per prompt; Nash-MD: one policy, one mixture draw
+    assert one[name]["sampled"] == [GLOBAL_BATCH * per_call] * (STEPS * (1 if name == "oaif" else 2))
+    for rank in (0, 1):  # each process sampled only its own rows
+        assert two[rank][name]["sampled"] == [GLOBAL_BATCH // 2 * per_call] * len(one[name]["sampled"])
+    for a, b in zip(one[name]["history"], two[0][name]["history"]):
+        assert set(a) == set(b)
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=TOL, rel=TOL, nan_ok=True), (key, a, b)
+    for key, w in one[name]["weights"].items():
+        assert_weights_close(two[0][name]["weights"][key], w, WEIGHTS, key)
+        torch.testing.assert_close(two[1][name]["weights"][key], two[0][name]["weights"][key], atol=0, rtol=0)
+    losses = [h["loss"] for h in one[name]["history"]]
+    assert max(losses) - min(losses) > 100 * TOL  # training moved the loss: the equality is not trivial
