@@ -38,7 +38,6 @@ HumanML3D/KIT; :class:`DistilBertTextEncoder` gives the token states and mask of
 
 from __future__ import annotations
 
-import abc
 import json
 import math
 import re
@@ -53,6 +52,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, AutoTokenizer, CLIPTextModelWithProjection
 
 from genalign.models.mdm import _without_fused_inference
+from genalign.models.text_condition import CachedCaptionEncoder
 
 ARCHS = ("trans_enc", "trans_dec", "gru")
 TEXT_ENCODERS = {"clip": 512, "bert": 768}  # text feature width per encoder type
@@ -476,32 +476,6 @@ def load_official_mdm(checkpoint: str | Path, *, use_avg: bool | None = None, **
 
 
 # ---------------------------------------------------------------------------------------------------- text encoders
-class _CachedEncoder(abc.ABC):
-    """Per-caption in-memory cache around ``_encode_uncached`` (each caption is encoded once per run)."""
-
-    dim: int
-
-    def __init__(self, batch_size: int):
-        self.batch_size = batch_size
-        self._cache: dict[str, torch.Tensor] = {}
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        captions = list(captions)
-        for i, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise TypeError(f"captions[{i}] is {type(caption).__name__}, expected a caption string")
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            with torch.no_grad():
-                self._cache.update(zip(chunk, self._encode_uncached(chunk).float().cpu()))
-        return torch.stack([self._cache[c] for c in captions]) if captions else torch.zeros(0, self.dim)
-
-    @abc.abstractmethod
-    def _encode_uncached(self, captions: list[str]) -> torch.Tensor:
-        """``[len(captions), dim]`` features of captions not yet in the cache."""
-
-
 def _local_folder(path: str | Path | None, what: str) -> str:
     if path is None or not Path(path).is_dir():
         raise FileNotFoundError(f"text encoder folder {path} does not exist: the official MDM checkpoints hold no text "
@@ -509,7 +483,7 @@ def _local_folder(path: str | Path | None, what: str) -> str:
     return str(path)
 
 
-class CLIPTextEncoder(_CachedEncoder):
+class CLIPTextEncoder(CachedCaptionEncoder):
     """openai-clip ``encode_text`` from a local transformers CLIP folder (a ``CLIPModel`` such as
     openai/clip-vit-base-patch32, or a ``CLIPTextModelWithProjection``): ``[N, projection_dim]``.
 
@@ -532,7 +506,7 @@ class CLIPTextEncoder(_CachedEncoder):
         return self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
 
 
-class DistilBertTextEncoder(_CachedEncoder):
+class DistilBertTextEncoder(CachedCaptionEncoder):
     """DistilBERT token states of a local folder (e.g. distilbert-base-uncased) packed into one vector per caption:
     ``[N, L·(768 + 1)]`` = the states ``[L, 768]`` (zero after the caption's tokens) followed by the token mask
     ``[L]`` (1 = token), L = ``max_text_tokens``. The official model attends to exactly the caption's tokens (its
@@ -563,7 +537,7 @@ class DistilBertTextEncoder(_CachedEncoder):
         return packed
 
 
-def official_text_encoder(config: OfficialMDMConfig, path: str | Path | None) -> _CachedEncoder:
+def official_text_encoder(config: OfficialMDMConfig, path: str | Path | None) -> CachedCaptionEncoder:
     """The text encoder the model was trained with, from a local folder."""
     if config.text_encoder_type == "clip":
         return CLIPTextEncoder(path)

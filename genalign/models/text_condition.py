@@ -13,6 +13,7 @@ Encodings are cached in memory per caption, so a dataset's captions are encoded 
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Sequence
 
@@ -24,7 +25,38 @@ from genalign.data.text_encoder import SentenceEncoder
 CLIP_MODEL_TYPES = ("clip", "clip_text_model")
 
 
-class TextCondition:
+class CachedCaptionEncoder(abc.ABC):
+    """``captions -> [N, dim]`` float32 on CPU, each caption encoded once per run: an in-memory cache around
+    ``_encode_uncached``, which sees the new captions in chunks of ``batch_size``."""
+
+    dim: int
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        captions = list(captions)
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str):
+                raise TypeError(f"captions[{i}] is {type(caption).__name__}, expected a caption string")
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            with torch.no_grad():
+                self._cache.update(zip(chunk, self._encode_uncached(chunk).float().cpu()))
+        return torch.stack([self._cache[c] for c in captions]) if captions else torch.zeros(0, self.dim)
+
+    def encode(self, captions: Sequence[str]) -> torch.Tensor:
+        """Embeddings ``[N, dim]`` of ``captions`` (the same as calling the encoder)."""
+        return self(captions)
+
+    @abc.abstractmethod
+    def _encode_uncached(self, captions: list[str]) -> torch.Tensor:
+        """``[len(captions), dim]`` features of captions not yet in the cache."""
+
+
+class TextCondition(CachedCaptionEncoder):
     """``encode(captions) -> [N, Dc]`` float32 on CPU; see the module docstring.
 
     ``path`` is a local model folder (default: the packaged MiniLM); ``max_length`` bounds the caption length in
@@ -37,7 +69,7 @@ class TextCondition:
             raise FileNotFoundError(f"text encoder folder {self.path} does not exist; pass a local model folder")
         model_type = None if self.path is None else AutoConfig.from_pretrained(self.path, local_files_only=True).model_type
         self.kind = "clip" if model_type in CLIP_MODEL_TYPES else "sentence"
-        self.batch_size = batch_size
+        super().__init__(batch_size)
         if self.kind == "clip":
             self.tokenizer = CLIPTokenizer.from_pretrained(self.path, local_files_only=True)
             self.model = CLIPTextModel.from_pretrained(self.path, local_files_only=True).eval()
@@ -47,28 +79,9 @@ class TextCondition:
             self.sentence = SentenceEncoder(self.path, max_length=max_length, batch_size=batch_size)
             self.max_length = max_length
             self.dim = self.sentence.dim
-        self._cache: dict[str, torch.Tensor] = {}
 
-    def encode(self, captions: Sequence[str]) -> torch.Tensor:
-        """Embeddings ``[N, Dc]`` of ``captions``; captions seen before come from the in-memory cache."""
-        captions = list(captions)
-        for i, caption in enumerate(captions):
-            if not isinstance(caption, str):
-                raise TypeError(f"captions[{i}] is {type(caption).__name__}, expected a caption string")
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            self._cache.update(zip(chunk, self._encode_uncached(chunk)))
-        if not captions:
-            return torch.zeros(0, self.dim)
-        return torch.stack([self._cache[c] for c in captions])
-
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
-        return self.encode(captions)
-
-    @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> torch.Tensor:
         if self.kind == "sentence":
             return self.sentence.encode(captions).pooled
         enc = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        return self.model(**enc).pooler_output.float()
+        return self.model(**enc).pooler_output
