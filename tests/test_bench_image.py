@@ -94,3 +94,32 @@ def test_compiled_side_wraps_a_separately_built_policy_and_the_report_gives_the_
     lines = report._findings({"text": {"sides": {}, "comparisons": {"genalign-compiled": comparison}}}, "cuda")
     assert any("text, `torch.compile`" in line and "1.25x eager" in line and "[IQR 1.11-1.33]" in line
                for line in lines)
+
+
+def test_sd15_shape_is_the_published_sd15_config_with_the_adapter_configs_lora():
+    """``--image-shape sd15`` builds SD 1.5's published UNet / VAE / CLIP ViT-L/14 text shapes (on the meta device:
+    nothing is allocated) and trains the LoRA that configs/adapter/sd15.yaml trains, one pair per micro-batch."""
+    from pathlib import Path
+
+    import yaml
+
+    from genalign.bench import cli
+
+    config = cli.suite_config(image, "sd15")
+    assert config == image.ImageConfig.sd15()
+    assert (config.batch_size, config.mixed_precision, config.lora_rank, config.image_size) == (1, "no", 8, 512)
+    components = image.make_components(config, "meta")
+    unet, vae, text = components["unet"], components["vae"], components["text_encoder"]
+    assert unet.config.block_out_channels == (320, 640, 1280, 1280)
+    assert unet.config.down_block_types == ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    assert unet.config.up_block_types == ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    assert (unet.config.cross_attention_dim, unet.config.attention_head_dim, unet.config.layers_per_block,
+            unet.config.sample_size, unet.config.in_channels, unet.config.out_channels) == (768, 8, 2, 64, 4, 4)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+    assert vae.config.block_out_channels == (128, 256, 512, 512) and vae.config.scaling_factor == 0.18215
+    assert sum(p.numel() for p in vae.parameters()) == 83_653_863
+    assert (text.config.hidden_size, text.config.num_hidden_layers, text.config.num_attention_heads,
+            text.config.intermediate_size, text.config.max_position_embeddings) == (768, 12, 12, 3072, 77)
+    adapter = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/adapter/sd15.yaml").read_text())
+    assert config.lora["r"] == adapter["lora"]["r"] and config.lora["lora_alpha"] == adapter["lora"]["lora_alpha"]
+    assert sorted(config.lora["target_modules"]) == sorted(adapter["lora"]["target_modules"])

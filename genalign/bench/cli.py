@@ -7,13 +7,16 @@ running that side alone (see :mod:`genalign.bench.measure`). The ``online`` suit
 Diffusion-DRO and SoPo steps. ``--suite cpu`` runs all three on the CPU (CUDA hidden); ``--suite all`` (or a single
 suite) on a CUDA machine picks the GPU sizes (SD-1.5-shaped UNet, ~0.5B LM, bf16) and reports model FLOPs
 utilisation; ``--compile`` adds ``genalign-compiled`` to the speed suites: genalign with its policy through
-``torch.compile`` (what ``train.compile`` does), timed alternating with the eager side.
+``torch.compile`` (what ``train.compile`` does), timed alternating with the eager side. ``--image-shape sd15`` runs
+the image suite at SD 1.5's real UNet/VAE/CLIP shapes in float32 with 1 pair per micro-batch on any device (the
+CPU measurement of the real shape; the peak-memory subprocesses get the same shape).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import os
 import shlex
@@ -34,7 +37,13 @@ LEVERS = {"text": ["genalign-no-cache", "genalign-full-softmax"],
 COMPILED = "-compiled"
 
 
-def suite_config(module):
+#: ``--image-shape``: the image suite's sizes (``auto``: the tiny CPU model, SD 1.5 in bf16 on CUDA)
+IMAGE_SHAPES = {"sd15": image.ImageConfig.sd15}
+
+
+def suite_config(module, image_shape: str = "auto"):
+    if module is image and image_shape != "auto":
+        return IMAGE_SHAPES[image_shape]()
     config = module.TextConfig() if module is text else module.ImageConfig()
     return type(config).for_cuda() if torch.cuda.is_available() else config
 
@@ -53,7 +62,7 @@ def build_sides(module, config, names: Sequence[str]) -> dict[str, Any]:
 
 def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     module = SPEED_SUITES[suite]
-    config = suite_config(module)
+    config = suite_config(module, args.image_shape)
     names = ["genalign", *PEERS[suite], *(LEVERS[suite] if args.levers else [])]
     names += ["genalign" + COMPILED] if args.compile else []
     _log(f"[{suite}] building {names}")
@@ -69,15 +78,21 @@ def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         rates = [t.samples_per_s for t in times[name]]
         step_seconds = config.batch_size / statistics.median(rates)
         entry = {"samples_per_s_median": statistics.median(rates), "samples_per_s_per_rep": rates,
+                 "step_seconds_per_rep": [sum(t.seconds) / len(t.seconds) for t in times[name]],
                  "setup_seconds": side.setup_seconds, "flops_per_step": flops[name],
                  "achieved_tflops": flops[name] / step_seconds / 1e12}
         if peak is not None:
             entry["mfu"] = flops[name] / step_seconds / peak
+        result["sides"][name] = entry
+    del side
+    sides.clear()  # free the models before the fresh processes load theirs (SD 1.5 shapes: ~3.4 GB per UNet)
+    gc.collect()
+    for name, entry in result["sides"].items():
         if not (args.no_memory or name.endswith(COMPILED)):  # a compile in a fresh process takes many minutes
             _log(f"[{suite}] peak memory of {name} in a fresh process")
-            worker = ["--memory-of", f"{suite}:{name}", "--memory-steps", str(args.memory_steps)]
+            worker = ["--memory-of", f"{suite}:{name}", "--memory-steps", str(args.memory_steps),
+                      "--image-shape", args.image_shape]
             entry["peak_memory_growth_mib"] = measure.run_isolated("genalign.bench.cli", worker)["growth_mib"]
-        result["sides"][name] = entry
     for name in names[1:]:
         result["comparisons"][name] = measure.compare(times["genalign"], times[name])
     if suite == "image":
@@ -95,11 +110,11 @@ def online_suite(args: argparse.Namespace) -> dict[str, Any]:
     return {"cases": cases}
 
 
-def memory_worker(spec: str, steps: int) -> None:
+def memory_worker(spec: str, steps: int, image_shape: str = "auto") -> None:
     """Run one side alone for ``steps`` steps and print its peak memory growth as JSON (used by the runner)."""
     suite, _, side = spec.partition(":")
     module = SPEED_SUITES[suite]
-    runner = build_sides(module, suite_config(module), [side])[side]
+    runner = build_sides(module, suite_config(module, image_shape), [side])[side]
     with measure.PeakMemory() as peak:
         for _ in range(steps):
             runner.step()
@@ -117,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--online-steps", type=int, default=2, help="timed steps per online case")
     parser.add_argument("--memory-steps", type=int, default=2, help="steps run by each peak-memory subprocess")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--image-shape", choices=("auto", *IMAGE_SHAPES), default="auto",
+                        help="image suite sizes: 'auto' (tiny SD1.5-layout model on the CPU, SD 1.5 in bf16 with 8 "
+                             "pairs on CUDA) or 'sd15' (SD 1.5's real UNet/VAE/CLIP shapes, float32, 1 pair per "
+                             "micro-batch, on any device)")
     parser.add_argument("--no-levers", dest="levers", action="store_false", help="skip the lever variants")
     parser.add_argument("--compile", action="store_true",
                         help="also time genalign with its policy through torch.compile (side genalign-compiled)")
@@ -126,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
-        memory_worker(args.memory_of, args.memory_steps)
+        memory_worker(args.memory_of, args.memory_steps, args.image_shape)
         return
     if min(args.reps, args.steps) < 1 or args.warmup < 0:
         parser.error("--reps and --steps must be >= 1 and --warmup >= 0")
@@ -140,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "note": args.note,
         "machine": measure.machine_facts(),
         "settings": {k: getattr(args, k) for k in ("reps", "steps", "warmup", "online_steps", "memory_steps",
-                                                   "levers", "compile")},
+                                                   "levers", "compile", "image_shape")},
         "suites": {},
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

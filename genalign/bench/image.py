@@ -10,8 +10,10 @@ Both sides train the same LoRA (same rank, targets and initial weights) with Ada
   the step runs the UNet only: policy forward on the concatenated pair, LoRA-disabled reference forward.
 * peer: VAE encode of both images and the text encoder every step, then the same two UNet forwards.
 
-CPU: a tiny UNet/VAE/CLIP with SD 1.5's block layout (4 UNet levels, 3 with cross-attention, 8x VAE) on 64-pixel
+CPU: a tiny UNet/VAE/CLIP with SD 1.5's block layout (4 UNet levels, 3 with cross-attention, 8x VAE) on 128-pixel
 images. CUDA (:meth:`ImageConfig.for_cuda`): SD 1.5's real shapes with random weights at 512 pixels, bf16 autocast.
+``--image-shape sd15`` (:meth:`ImageConfig.sd15`): SD 1.5's real shapes in float32, 1 pair per micro-batch, on any
+device (the CPU measurement of the real shape).
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ class ImageConfig:
         return cls(unet_channels=(320, 640, 1280, 1280), vae_channels=(128, 256, 512, 512), text_hidden=768,
                    vae_layers=2, text_layers=12, text_heads=12, image_size=512, attention_head_dim=8, norm_groups=32, rows=64,
                    batch_size=8, lora_rank=8, mixed_precision="bf16")
+
+    @classmethod
+    def sd15(cls) -> "ImageConfig":
+        """SD 1.5's real shapes (:meth:`for_cuda`) at a size a CPU can step: float32, 1 pair per micro-batch, 2 rows
+        (``genalign-bench --suite image --image-shape sd15``). The UNet is diffusers' ``runwayml/stable-diffusion-v1-5``
+        unet/config.json (859,520,964 parameters), the VAE its vae/ (scaling 0.18215, 4x64x64 latents of 512-pixel
+        images), the text encoder CLIP ViT-L/14's (768 wide, 12 layers, 12 heads, MLP 3072, 77 tokens; only its token
+        table is smaller: the suite's character tokenizer has 88 tokens, not 49,408); LoRA r 8 on the attention
+        projections, as ``configs/adapter/sd15.yaml``."""
+        return replace(cls.for_cuda(), rows=2, batch_size=1, mixed_precision="no")
 
     @property
     def lora(self) -> dict[str, Any]:
