@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -52,12 +52,45 @@ class FeatureNetwork(nn.Module):
         return features.double()
 
 
-def fid_metric(network: nn.Module, method: str = "forward", num_features: int | None = None) -> FrechetInceptionDistance:
-    """A streaming torchmetrics FID over ``network.<method>`` features; ``update(images, real=...)``, ``compute()``."""
-    return FrechetInceptionDistance(feature=FeatureNetwork(network, method, num_features))
+def fid_metric(network: nn.Module, method: str = "forward", num_features: int | None = None,
+               reset_real_features: bool = True) -> FrechetInceptionDistance:  # fmt: skip
+    """A streaming torchmetrics FID over ``network.<method>`` features; ``update(images, real=...)``, ``compute()``
+    (``reset()`` keeps the real features with ``reset_real_features=False``)."""
+    feature = FeatureNetwork(network, method, num_features)
+    return FrechetInceptionDistance(feature=feature, reset_real_features=reset_real_features)
 
 
 @torch.no_grad()
+def fid_against(
+    real: torch.Tensor,
+    network: nn.Module,
+    *,
+    method: str = "forward",
+    num_features: int | None = None,
+    batch_size: int = 500,
+) -> Callable[[torch.Tensor], float]:
+    """``fid(generated)`` = :func:`frechet_distance` ``(real, generated, ...)`` for any number of generated sets,
+    the real images going through ``network`` once, here. Images go to the network's device, where the running
+    feature sums are kept too (torchmetrics adds the features to them in place)."""
+    if len(real) < 2:
+        raise ValueError(f"FID needs at least 2 real images, got {len(real)}")
+    device = next(network.parameters(), torch.empty(0)).device  # the feature sums live with the features
+    metric = fid_metric(network, method, num_features, reset_real_features=False).to(device)
+    for chunk in real.split(batch_size):
+        metric.update(chunk.to(device), real=True)
+
+    @torch.no_grad()
+    def fid(generated: torch.Tensor) -> float:
+        if len(generated) < 2:
+            raise ValueError(f"FID needs at least 2 generated images, got {len(generated)}")
+        metric.reset()  # the generated features only
+        for chunk in generated.split(batch_size):
+            metric.update(chunk.to(device), real=False)
+        return metric.compute().item()
+
+    return fid
+
+
 def frechet_distance(
     real: torch.Tensor,
     generated: torch.Tensor,
@@ -68,13 +101,7 @@ def frechet_distance(
     batch_size: int = 500,
 ) -> float:
     """FID between two image sets (each ``[N, C, H, W]``, N ≥ 2) in the feature space of ``network.<method>``."""
-    metric = fid_metric(network, method, num_features)
-    for images, is_real in ((real, True), (generated, False)):
-        if len(images) < 2:
-            raise ValueError(f"FID needs at least 2 {'real' if is_real else 'generated'} images, got {len(images)}")
-        for chunk in images.split(batch_size):
-            metric.update(chunk, real=is_real)
-    return metric.compute().item()
+    return fid_against(real, network, method=method, num_features=num_features, batch_size=batch_size)(generated)
 
 
 @torch.no_grad()

@@ -12,6 +12,7 @@ with the same seed, hence the same initial noise per prompt (or a folder ``--bas
 
 Scorers load from local files only (nothing downloads): ``--pickscore`` (a PickScore_v1 CLIP folder),
 ``--aesthetic`` + ``--aesthetic-clip`` (the LAION v2 MLP and a CLIP ViT-L/14 folder), ``--clip`` (CLIP score),
+``--hps`` + ``--hps-tokenizer`` (HPS v2 / v2.1: the ``HPS_v2*_compressed.pt`` file and a CLIP tokenizer folder),
 ``--inception`` (FID, ``pt_inception-2015-12-05-6726825d.pth``).
 """
 
@@ -26,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from genalign.eval.image import ClipScorer, RewardScorer, frechet_distance, reward_scores, win_rate
+from genalign.eval.image import ClipScorer, RewardScorer, fid_against, reward_scores, win_rate
 from genalign.eval.image_files import load_sample_folder, quantise, read_prompts, reference_images, save_sample_folder
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     scorers.add_argument("--aesthetic", help="LAION aesthetic predictor v2 MLP .pth (needs --aesthetic-clip)")
     scorers.add_argument("--aesthetic-clip", help="CLIP ViT-L/14 folder (openai/clip-vit-large-patch14)")
     scorers.add_argument("--clip", help="a CLIPModel folder for the CLIP score")
+    scorers.add_argument("--hps", help="HPS v2 / v2.1 checkpoint file, HPS_v2_compressed.pt (needs --hps-tokenizer)")
+    scorers.add_argument("--hps-tokenizer", help="a CLIP tokenizer folder for --hps (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
     scorers.add_argument("--inception", help="FID InceptionV3 weights, pt_inception-2015-12-05-6726825d.pth")
     scorers.add_argument("--inception-resize", default="torch-fidelity", choices=("torch-fidelity", "pytorch-fid"),
                          help="preprocessing of the reference FID code to follow (default torch-fidelity = torchmetrics)")
@@ -75,9 +78,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise SystemExit("genalign-eval image: the 'before' is --base (sampled) or --base-images, not both")
     if (args.aesthetic is None) != (args.aesthetic_clip is None):
         raise SystemExit("genalign-eval image: --aesthetic (the MLP .pth) and --aesthetic-clip (CLIP ViT-L/14) go together")
+    if (args.hps is None) != (args.hps_tokenizer is None):
+        raise SystemExit("genalign-eval image: --hps (the HPS v2 checkpoint file) and --hps-tokenizer (a CLIP tokenizer "
+                         "folder) go together")  # fmt: skip
     if (args.inception is None) != (args.real_images is None):
         raise SystemExit("genalign-eval image: FID needs both --inception (weights) and --real-images (reference folder)")
-    for name in ("per_prompt", "steps", "batch_size"):
+    for name in ("per_prompt", "steps", "batch_size", "grid_prompts", "grid_samples"):  # grid: checked before sampling
         if getattr(args, name) < 1:
             raise SystemExit(f"genalign-eval image: --{name.replace('_', '-')} must be at least 1")
 
@@ -95,6 +101,10 @@ def build_scorers(args: argparse.Namespace) -> dict[str, RewardScorer]:
         scorers["aesthetic"] = AestheticScorer(args.aesthetic_clip, args.aesthetic, device=args.device)
     if args.clip is not None:
         scorers["clip_score"] = ClipScorer(args.clip, device=args.device)
+    if args.hps is not None:
+        from genalign.eval.hps import load_hps
+
+        scorers["hps"] = load_hps(args.hps, args.hps_tokenizer, device=args.device)
     return scorers
 
 
@@ -105,10 +115,10 @@ def sample_sets(args: argparse.Namespace, prompts: list[str]) -> dict[str, torch
     sets: dict[str, torch.Tensor] = {}
     if args.images is not None:
         if args.base_images is not None:
-            sets["before"] = load_sample_folder(args.base_images, len(prompts))
+            sets["before"] = load_sample_folder(args.base_images, len(prompts), "--base-images")
         elif args.base is not None:
             sets["before"] = draw(comparison_adapter(None, args.base, args.device), prompts, args, use_reference=False)
-        sets["after"] = load_sample_folder(args.images, len(prompts))
+        sets["after"] = load_sample_folder(args.images, len(prompts), "--images")
         return sets
     adapter = comparison_adapter(args.model, args.base, args.device)  # policy = model, reference = base
     if args.model is not None:
@@ -162,8 +172,7 @@ def fid_function(args: argparse.Namespace) -> Callable[[torch.Tensor], float] | 
     if len(sizes) != 1:  # the network resizes any input to 299, but a batch needs one size
         raise SystemExit(f"genalign-eval image: real images in {args.real_images} come in sizes {sorted(sizes)[:4]}; "
                          "resize them to one size first")  # fmt: skip
-    real_images = torch.stack(real)
-    return lambda generated: frechet_distance(real_images, generated, network, batch_size=32)
+    return fid_against(torch.stack(real), network, batch_size=32)  # the real features are computed once, for both sides
 
 
 def save_grid(sets: dict[str, torch.Tensor], prompts: list[str], scores: dict[str, dict[str, torch.Tensor]],
@@ -199,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     scorers = build_scorers(args)
     fid = fid_function(args)
     if not scorers and fid is None:
-        log.warning("no metric requested (--pickscore, --aesthetic, --clip, --inception): only samples and grid written")
+        log.warning("no metric requested (--pickscore, --aesthetic, --clip, --hps, --inception): only samples and grid written")
     sets = sample_sets(args, prompts)
     out = Path(args.out)
     for side, images in sets.items():

@@ -46,7 +46,7 @@ def read_prompts(path: str | Path) -> list[str]:
             raise ValueError(f"{path} line {number}: needs a non-empty string field, one of {PROMPT_FIELDS}")
         prompts.append(record[field].strip())
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise ValueError(f"prompt file {path} holds no prompts; give one prompt per line (JSONL: a 'prompt' field)")
     return prompts
 
 
@@ -68,10 +68,11 @@ def image_files(folder: str | Path, what: str) -> list[Path]:
     return files
 
 
-def load_sample_folder(folder: str | Path, num_prompts: int) -> torch.Tensor:
-    """``[P, N, 3, H, W]`` samples of ``folder`` for ``num_prompts`` prompts (see the module docstring)."""
+def load_sample_folder(folder: str | Path, num_prompts: int, what: str = "sample") -> torch.Tensor:
+    """``[P, N, 3, H, W]`` samples of ``folder`` for ``num_prompts`` prompts (see the module docstring); errors
+    call the folder ``what`` (the command-line flag that gave it)."""
     by_prompt: dict[int, dict[int, Path]] = {}
-    for path in image_files(folder, "sample"):
+    for path in image_files(folder, what):
         match = SAMPLE_NAME.match(path.stem)
         if match is None:
             raise ValueError(f"{path}: sample images must be named PROMPT.png or PROMPT_SAMPLE.png (prompt index, "
@@ -84,14 +85,18 @@ def load_sample_folder(folder: str | Path, num_prompts: int) -> torch.Tensor:
         by_prompt[prompt][sample] = path
     missing = [i for i in range(num_prompts) if i not in by_prompt]
     counts = {len(samples) for samples in by_prompt.values()}
-    if missing or len(counts) != 1:
-        raise ValueError(f"sample folder {folder}: every prompt needs the same number of images; prompts without any: "
-                         f"{missing[:10]}, images per prompt seen: {sorted(counts)}")  # fmt: skip
+    if missing:
+        raise ValueError(f"{what} folder {folder} has no image for prompt index {missing[:10]} of the prompt file's "
+                         f"{num_prompts} prompts; name each prompt's images PPPPP.png or PPPPP_SS.png after its line "
+                         "index in the prompt file (from 0), or give the prompt file the folder was sampled from")  # fmt: skip
+    if len(counts) != 1:
+        raise ValueError(f"{what} folder {folder}: every prompt needs the same number of images, found "
+                         f"{sorted(counts)} images per prompt; sample each prompt equally often")  # fmt: skip
     rows = [[image_tensor(open_image(by_prompt[i][s], str(by_prompt[i][s]))) for s in sorted(by_prompt[i])]
             for i in range(num_prompts)]  # fmt: skip
     sizes = {tuple(image.shape) for row in rows for image in row}
     if len(sizes) != 1:
-        raise ValueError(f"sample folder {folder}: images of different sizes {sorted(sizes)}; save them at one size")
+        raise ValueError(f"{what} folder {folder}: images of different sizes {sorted(sizes)}; save them at one size")
     return torch.stack([torch.stack(row) for row in rows])
 
 
@@ -112,4 +117,4 @@ def quantise(images: torch.Tensor) -> torch.Tensor:
 
 def reference_images(folder: str | Path) -> list[torch.Tensor]:
     """Every PNG/JPEG of an FID reference folder as ``[3, H, W]`` in [-1, 1] (any sizes)."""
-    return [image_tensor(open_image(path, str(path))) for path in image_files(folder, "real-image")]
+    return [image_tensor(open_image(path, str(path))) for path in image_files(folder, "--real-images")]

@@ -32,12 +32,12 @@ def model_kind(model: str | Path) -> str:
     """``"lora"`` or ``"unet"``; otherwise an error naming the folder and the layouts accepted."""
     model = Path(model)
     if not model.is_dir():
-        raise FileNotFoundError(f"model folder {model} does not exist; pass {MODEL_LAYOUTS}")
+        raise FileNotFoundError(f"--model folder {model} does not exist; pass {MODEL_LAYOUTS}")
     if (model / LORA_FILE).is_file():
         return "lora"
     if (model / "unet" / "config.json").is_file():
         return "unet"
-    raise FileNotFoundError(f"model folder {model} holds neither {LORA_FILE} nor unet/config.json; pass {MODEL_LAYOUTS} "
+    raise FileNotFoundError(f"--model folder {model} holds neither {LORA_FILE} nor unet/config.json; pass {MODEL_LAYOUTS} "
                             "(training checkpoints/step-N folders hold optimizer state: evaluate the run's final/)")  # fmt: skip
 
 
@@ -69,6 +69,9 @@ def comparison_adapter(model: str | Path | None, base: str | Path, device: str |
     from peft import set_peft_model_state_dict
 
     base = Path(base)
+    if not base.is_dir():  # checked here: the adapter's own message names the training option adapter.path
+        raise FileNotFoundError(f"--base folder {base} does not exist; pass the base model's diffusers folder "
+                                "(model_index.json, unet/, vae/, scheduler/, text_encoder/, tokenizer/)")
     if model is None:
         return ImageDiffusionAdapter.from_pretrained(base, prompt_dropout=0.0).to(device)
     model = Path(model)
