@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from genalign.eval.image import ClipScorer, RewardScorer, fid_against, reward_scores, win_rate
 from genalign.eval.image_files import load_sample_folder, quantise, read_prompts, reference_images, save_sample_folder
@@ -132,7 +133,8 @@ def draw(adapter: Any, prompts: list[str], args: argparse.Namespace, *, use_refe
     """``[P, N, 3, H, W]`` samples; chunk k of ``--batch-size`` prompts draws its noise from seed + its first
     prompt index, so the base and the model see the same noise for the same prompt."""
     chunks = []
-    for start in range(0, len(prompts), args.batch_size):
+    starts = range(0, len(prompts), args.batch_size)
+    for start in tqdm(starts, desc="sampling " + ("base" if use_reference else "model"), unit="batch"):
         part = prompts[start : start + args.batch_size]
         out = adapter.sample(part, args.per_prompt, generator=torch.Generator().manual_seed(args.seed + start),
                              use_reference=use_reference, num_inference_steps=args.steps,

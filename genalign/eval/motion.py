@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy.linalg import sqrtm
 from scipy.spatial.distance import cdist
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,6 @@ class MotionMetrics:
 def replicate(fn: Callable[[int], Mapping[str, float]], n: int = 20) -> dict[str, Interval]:
     """Run ``fn(i)`` for ``i = 0..n-1`` (one protocol replication each, e.g. seeded by i) and summarise."""
     metrics = MotionMetrics()
-    for i in range(n):
+    for i in tqdm(range(n), desc="replications", unit="replication", disable=n < 2):
         metrics.update(fn(i))
     return metrics.compute()

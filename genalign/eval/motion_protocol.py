@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from genalign.data.humanml3d import HumanML3DDataset
 from genalign.eval.motion import Interval, MotionMetrics, evaluate_embeddings, flatten, report_names
@@ -210,7 +211,7 @@ class MotionProtocol:
                 raise ValueError("MultiModality needs new generations: it cannot be computed from a folder of motions")
             log.warning("fixed motions: replications re-draw captions, crops and batches but not the motions")
         generated, real = MotionMetrics(), MotionMetrics()
-        for r in range(self.replications):
+        for r in tqdm(range(self.replications), desc="protocol replications", unit="replication"):
             gen_values, real_values = self.replication(r, generate, motions)
             generated.update(gen_values)
             real.update(real_values)
