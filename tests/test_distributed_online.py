@@ -4,12 +4,13 @@ samples for its KL) and DRO (with its value network) on the tabular adapter, and
 tiny arithmetic LM (policy, per-token mixture and reset-prefix answers sampled with generate(), judged by the
 arithmetic verifier).
 
-What makes them equal (genalign.online.global_batch): samples are drawn for the global batch on every process and
-sliced (tabular sampling is one ``torch.multinomial`` over the whole batch), rows the judge leaves out (OAIF ties)
-are weighted so the loss is the mean over the global batch's kept rows, PMPO's accepted/rejected normalisation uses
-the global accepted fraction, and counts are summed over the processes. Two negative controls show the first and the
-third matter: OAIF drawing only its own share, and PMPO normalising by its own share's accepted fraction, both
-differ from the one-process run.
+What makes them equal (genalign.online.global_batch): each process samples only its rows, from the random numbers
+the one-process run draws for them (tabular: inverse-CDF uniforms ``[rows, K]``; text: one seed per generated
+sequence, then a stream of its own), rows the judge leaves out (OAIF ties) are weighted so the loss is the mean over
+the global batch's kept rows, PMPO's accepted/rejected normalisation uses the global accepted fraction, and counts
+are summed over the processes. Two negative controls show the first and the third matter: OAIF drawing its rows'
+numbers as if it were alone (so both processes draw the same ones), and PMPO normalising by its own share's accepted
+fraction, both differ from the one-process run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from two_processes import run_two_processes
 from genalign.adapters.tabular import TabularAdapter
 from genalign.adapters.text import TextAdapter
 from genalign.data.arithmetic import TINY_LM_PATH
-from genalign.distributed import Shard
 from genalign.online.dro import DROStep
 from genalign.online.drpo import DRPOStep
 from genalign.online.hypo import HyPOStep
@@ -48,10 +48,12 @@ def table_reward(prompts, responses):
 
 
 class LocalDrawsOAIF(OAIFStep):
-    """OAIF sampling only this process's share (as if it were alone): negative control."""
+    """OAIF drawing its share's random numbers as if it were alone (not sliced out of the global batch's):
+    negative control."""
 
     def __call__(self, adapter, rows, ctx):
-        return super().__call__(adapter, rows, StepContext(ctx.generator, ctx.global_mean, Shard()))
+        with ctx.shard.remap(None):
+            return super().__call__(adapter, rows, ctx)
 
 
 class LocalFractionPMPO(PMPOStep):

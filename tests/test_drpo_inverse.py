@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
+from test_online_steps_a import redraw
 from tiny_pixel import expert_rows, pixel_adapter
 
 from genalign.adapters.tabular import TabularAdapter
@@ -216,8 +217,7 @@ def test_inverse_alignment_online_loss_is_dpo_on_the_reward_models_best_and_wors
     replay = torch.Generator()
     replay.set_state(generator.get_state())
     loss, _ = step(adapter, [{"prompt": 0}, {"prompt": 0}], StepContext(generator))
-    drawn = torch.multinomial(torch.softmax(adapter.policy.logits.detach(), -1).expand(2, 4), 4, replacement=True,
-                              generator=replay)
+    drawn = redraw(torch.softmax(adapter.policy.logits.detach(), -1), [0, 0], 4, replay).reshape(2, 4)
     rm = step.reward_model([(0, a) for a in range(4)]).detach()
     lp = torch.log_softmax(adapter.policy.logits.detach()[0], -1)
     expected = []

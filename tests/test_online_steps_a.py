@@ -47,9 +47,12 @@ def tables(adapter):
 
 
 def redraw(probs, contexts, k, generator):
-    """What the adapter's categorical draw yields for these probabilities and generator state."""
-    return torch.multinomial(torch.as_tensor(probs, dtype=torch.float32)[contexts], k, replacement=True,
-                             generator=generator).reshape(-1).numpy()
+    """What the adapter's categorical draw yields for these probabilities and generator state: uniforms U [n, k],
+    each turned into the number of actions whose cumulative probability is at most U (inverse CDF)."""
+    probs = torch.as_tensor(probs, dtype=torch.float32)[torch.as_tensor(contexts)]
+    uniform = torch.rand((probs.shape[0], k), generator=generator)
+    below = (uniform[..., None] >= probs.cumsum(-1)[:, None, :]).sum(-1)
+    return below.clamp(max=probs.shape[1] - 1).reshape(-1).numpy()
 
 
 def mixture_probs(adapter, c):

@@ -4,6 +4,7 @@ re-drawn from a copy of the step's generator), selection/pairing rules, exact re
 import numpy as np
 import pytest
 import torch
+from test_online_steps_a import redraw
 
 from genalign.adapters.tabular import TabularAdapter
 from genalign.online.judges import PreferenceMatrixJudge
@@ -76,7 +77,7 @@ def test_sera_selects_by_the_snapshot_margin_and_bootstraps_its_own_pairs():
     expected = [np_dpo(beta, live, LOG_REF, PAIRS[i]["chosen"], PAIRS[i]["rejected"], PAIRS[i]["prompt"]) for i in kept]
     # bootstrapping: K draws per prompt from π_1, best/worst by π_1's implicit reward, DPO of the live policy
     probs = torch.softmax(logits(1), -1)[torch.tensor([r["prompt"] for r in PAIRS])]
-    drawn = torch.multinomial(probs, k, replacement=True, generator=replay).numpy()
+    drawn = redraw(probs, range(len(PAIRS)), k, replay).reshape(len(PAIRS), k)
     for r, actions in zip(PAIRS, drawn):
         c = r["prompt"]
         implicit = [snap[c, a] - LOG_REF[c, a] for a in actions]
@@ -128,7 +129,7 @@ def test_osp_likelihood_judge_loss_matches_numpy():
     rows = [{"prompt": 0}, {"prompt": 1}]
     loss, metrics = OSPStep(k, beta, temperature=temperature)(adapter, rows, StepContext(generator))
     lp = np_log_softmax(logits(3))
-    drawn = torch.multinomial(torch.softmax(logits(3), -1), k, replacement=True, generator=replay).numpy()
+    drawn = redraw(torch.softmax(logits(3), -1), [0, 1], k, replay).reshape(2, k)
     expected = []
     for c, actions in enumerate(drawn):
         for i in range(k):

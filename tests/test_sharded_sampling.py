@@ -2,7 +2,8 @@
 process's rows under ``Shard.draws`` and still draws the one-process run's samples for them.
 
 * Unit level, no processes: sampling a global batch in one call equals sampling its two halves, each under
-  ``Shard(r, 2).draws`` (the draws of the global batch, sliced), for the image sampler (DDPM noise at every step)
+  ``Shard(r, 2).draws`` (the draws of the global batch, sliced), for a language model (plain, top-k and
+  geometric-mixture sampling), the tabular adapter (plain and mixture), the image sampler (DDPM noise at every step)
   and for a motion model padded to ``max_frames``; a motion model padded to each batch's longest motion is not
   row-wise (negative control) and says so.
 * End to end: OAIF and Nash-MD (geometric-mixture samples) on a pixel diffusion model, two gloo processes vs one
@@ -25,8 +26,12 @@ from test_distributed import Tolerance, assert_weights_close
 from two_processes import run_two_processes
 
 from genalign.adapters.motion import MotionAdapter
+from genalign.adapters.tabular import TabularAdapter
+from genalign.adapters.text import TextAdapter
 from genalign.distributed import Shard
 from genalign.models.mdm import MotionDenoiser, MotionDenoiserConfig
+from genalign.models.tiny_lm import char_tokenizer, tiny_gpt2
+from genalign.online import draws
 from genalign.online.judges import RewardJudge
 from genalign.online.nash_md import NashMDStep
 from genalign.online.oaif import OAIFStep
@@ -37,15 +42,50 @@ TOL = 1e-5
 PROMPTS = ["a cat", "a dog", "a fox", "an owl"]
 
 
-def halves_under_shards(adapter, key: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def halves_under_shards(adapter, key: str, prompts=PROMPTS, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(the global batch sampled in one call, its two halves each sampled under its shard's draws)."""
-    whole = adapter.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(7), **kwargs)[key]
+    whole = adapter.sample(prompts, 2, generator=torch.Generator().manual_seed(7), **kwargs)[key]
     parts = []
     for rank in (0, 1):
         generator = torch.Generator().manual_seed(7)
         with Shard(rank, 2).draws(generator):
-            parts.append(adapter.sample(PROMPTS[2 * rank : 2 * rank + 2], 2, generator=generator, **kwargs)[key])
-    return whole, torch.cat(parts)
+            parts.append(adapter.sample(prompts[2 * rank : 2 * rank + 2], 2, generator=generator, **kwargs)[key])
+    return whole, torch.cat(parts) if isinstance(whole, torch.Tensor) else [x for part in parts for x in part]
+
+
+def test_language_model_draws_are_row_wise():
+    """One seed per sequence from the shared generator, then the sequence's own stream; the halves are padded to
+    their own longest prompt, so their logits differ from the whole batch's by rounding only."""
+    tokenizer = char_tokenizer("0123456789+= abcdefghijklmnopqrstuvwxyz")
+    adapter = TextAdapter(tiny_gpt2(tokenizer, n_positions=64, seed=1), tokenizer, reference="copy", max_length=40,
+                          max_prompt_length=20)
+    prompts = ["1+2=", "a long prompt here", "77+", "x"]
+    assert adapter.row_wise_draws()
+    for kwargs in ({"max_new_tokens": 8, "temperature": 1.5}, {"max_new_tokens": 8, "top_k": 5}):
+        whole, halves = halves_under_shards(adapter, "texts", prompts, **kwargs)
+        assert halves == whole and len(set(whole)) > 4
+    whole, halves = halves_under_shards(DrawsAdapter(adapter, mixture=0.5), "texts", prompts, max_new_tokens=8)
+    assert halves == whole  # the geometric mixture's tokens too
+
+
+def test_tabular_draws_are_row_wise():
+    adapter = TabularAdapter(4, 6)
+    with torch.no_grad():
+        adapter.policy.logits.copy_(torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
+    assert adapter.row_wise_draws()
+    for view in (adapter, DrawsAdapter(adapter, mixture=0.3)):
+        whole, halves = halves_under_shards(view, "action", [3, 0, 2, 1])
+        assert torch.equal(halves, whole) and len(set(whole.tolist())) > 2
+
+
+class DrawsAdapter:
+    """``sample`` as the online steps draw: from the geometric mixture of policy and reference."""
+
+    def __init__(self, adapter, mixture: float):
+        self.adapter, self.mixture = adapter, mixture
+
+    def sample(self, prompts, num_samples, generator, **kwargs):
+        return draws.draw(self.adapter, prompts, num_samples, generator, mixture=self.mixture, **kwargs)
 
 
 def test_image_sampler_draws_are_row_wise():

@@ -64,7 +64,7 @@ class Adapter(abc.ABC):
         is the sample and whose other dimensions do not depend on the other samples. Then, under
         :meth:`genalign.distributed.Shard.draws`, a process sampling only its own rows draws exactly the numbers
         the one-process run draws for them (:func:`genalign.online.global_batch.draw`). False unless an adapter
-        knows better: language-model ``generate`` and tabular ``multinomial`` draw for the batch as a whole."""
+        knows better (a sampler whose draws' shapes depend on the batch, e.g. padding to its longest sample)."""
         return False
 
     # ----------------------------------------------------------------------------------------------

@@ -110,8 +110,12 @@ class TabularAdapter(Adapter):
         device = generator.device if generator is not None else model.logits.device
         with torch.no_grad():
             probs = model.log_probs().exp().to(device)[conditions.to(device)]
-            actions = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+            actions = categorical(probs, num_samples, generator)
         return {"context": conditions.to(device).repeat_interleave(num_samples), "action": actions.reshape(-1)}
+
+    def row_wise_draws(self, **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: True, every draw is :func:`categorical`'s ``[contexts, num_samples]``."""
+        return True
 
     # ---------------------------------------------------------------------------------- exact quantities
     def probs(self) -> torch.Tensor:
@@ -195,3 +199,12 @@ def _index(record: dict[str, Any], i: int, field: str, size: int) -> int:
     if not 0 <= index < size:
         raise ValueError(f"record {i}: field {field!r} = {index} is out of range [0, {size})")
     return index
+
+
+def categorical(probs: torch.Tensor, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``num_samples`` exact draws from each row of ``probs [N, A]`` by inverting its CDF at uniforms
+    ``U [N, num_samples]`` (action a when cdf(a−1) ≤ U < cdf(a)): one row-leading draw, so a row's actions do not
+    depend on the other rows (sharded sampling)."""
+    uniform = torch.rand((probs.shape[0], num_samples), generator=generator, device=probs.device, dtype=probs.dtype)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, uniform, right=True).clamp(max=probs.shape[1] - 1)

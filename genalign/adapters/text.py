@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from genalign.adapters.base import Adapter
+from genalign.adapters.token_sampling import RowStreamGumbel, draw_seeds, warpers
 from genalign.data.batching import pairwise_batch
 from genalign.types import Scores
 
@@ -344,9 +345,11 @@ class TextAdapter(Adapter):
     ) -> dict[str, Any]:
         """``num_samples`` completions per prompt (prompt-major), collated, with the decoded ``texts``.
 
-        Sampling is plain ancestral sampling at ``temperature`` (no top-k/top-p unless passed in
-        ``generate_kwargs``); ``do_sample=False`` is greedy. The loss mask covers the generated tokens up to and
-        including the first stop token. ``generator`` seeds the draw without touching the global RNG state.
+        Sampling is ancestral sampling at ``temperature`` (no top-k/top-p unless passed in ``generate_kwargs``),
+        one random stream per returned sequence seeded from ``generator`` (the global RNG when None) without
+        touching the global RNG state (:mod:`genalign.adapters.token_sampling`): a sequence's tokens do not depend
+        on the other sequences of the call. ``do_sample=False`` is greedy. The loss mask covers the generated tokens
+        up to and including the first stop token.
         """
         prompts = [self._prompt_ids(condition, i) for i, condition in enumerate(conditions)]
         width = max(len(p) for p in prompts)
@@ -354,13 +357,18 @@ class TextAdapter(Adapter):
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         stops = self._stop_ids()
-        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, num_return_sequences=num_samples,
-                       pad_token_id=self.pad_id, eos_token_id=stops)
+        options = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_id, eos_token_id=stops, **generate_kwargs)
         if do_sample:
-            options.update(temperature=temperature, top_k=0, top_p=1.0)
-        options.update(generate_kwargs)
-        seed = None if generator is None else int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-        with self._generation_model(use_reference) as model, _seeded(seed, device), eval_mode(model):
+            options["logits_processor"] = LogitsProcessorList([
+                *options.pop("logits_processor", []), *warpers(temperature, options),
+                RowStreamGumbel(draw_seeds(len(prompts), num_samples, generator), device),
+            ])
+            input_ids, attention = input_ids.repeat_interleave(num_samples, 0), attention.repeat_interleave(num_samples, 0)
+        else:
+            options["num_return_sequences"] = num_samples
+        # greedy search either way (the Gumbel noise makes it a draw); the model's own sampling defaults stay off
+        options.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        with self._generation_model(use_reference) as model, eval_mode(model):
             generated = model.generate(input_ids=input_ids, attention_mask=attention, **options)[:, width:]
         encoded, texts = [], []
         for j, row in enumerate(generated.tolist()):
@@ -371,6 +379,11 @@ class TextAdapter(Adapter):
         batch: dict[str, Any] = self._pad(encoded)
         batch["texts"] = texts
         return batch
+
+    def row_wise_draws(self, **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: True. The only draw from the generator is the seeds ``[prompts,
+        num_samples]``; each sequence then samples from its own stream (greedy search draws nothing)."""
+        return True
 
     def save(self, directory: str) -> None:
         """LoRA: the peft adapter in ``directory`` and the merged full model in ``directory/merged``;
@@ -549,15 +562,3 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed the global RNGs inside the block (generate takes no generator) and restore them afterwards."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

@@ -20,7 +20,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from genalign.adapters.base import Adapter
-from genalign.adapters.tabular import TabularAdapter
+from genalign.adapters.tabular import TabularAdapter, categorical
 from genalign.adapters.text import TextAdapter, eval_mode
 from genalign.objectives._checks import in_range
 from genalign.online.pairs import sample_responses
@@ -155,7 +155,7 @@ def _tabular_mixture(adapter: TabularAdapter, prompts: list, num_samples: int, g
     with torch.no_grad():
         log_pi, log_ref = adapter._log_tables()
         probs = torch.softmax(c * log_ref + (1 - c) * log_pi, -1).to(device)[contexts.to(device)]
-        actions = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        actions = categorical(probs, num_samples, generator)
     return {"context": contexts.to(device).repeat_interleave(num_samples), "action": actions.reshape(-1)}
 
 

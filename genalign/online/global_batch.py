@@ -1,14 +1,14 @@
 """Online steps under several processes: draws, loss weights and logged statistics of the *global* batch, so that a
 run on W processes equals the one-process run with the same global batch (:mod:`genalign.distributed`).
 
-* **Draws.** A sampler whose draws are row-wise (:meth:`Adapter.row_wise_draws`: the diffusion samplers on one
-  timestep grid, with fixed-size samples) samples only this process's rows: under :meth:`Shard.draws` each of its
-  draws is the one-process run's draw for the global batch, sliced to these rows, so the samples are the
-  one-process run's (to the float32 rounding of a smaller batch through the network) at 1/W of the sampling work.
-  Other samplers are not row-wise in their randomness (``torch.multinomial`` over a whole table, one seed for a
-  whole ``generate`` call): :func:`draw` gathers every process's prompts, draws for all of them exactly as the
-  one-process run does (the shared generator unsliced, :meth:`Shard.remap`) and keeps this process's slice: exact,
-  at the cost of every process sampling the whole global batch.
+* **Draws.** A sampler whose draws are row-wise (:meth:`Adapter.row_wise_draws`: language models, with one seed
+  per sequence; tabular inverse-CDF draws; the diffusion samplers on one timestep grid, with fixed-size samples)
+  samples only this process's rows: under :meth:`Shard.draws` each of its draws is the one-process run's draw for
+  the global batch, sliced to these rows, so the samples are the one-process run's (to the float32 rounding of a
+  smaller batch through the network) at 1/W of the sampling work. Other samplers (motions padded to each batch's
+  longest, per-sample diffusion grids) are not row-wise: :func:`draw` gathers every process's prompts, draws for
+  all of them exactly as the one-process run does (the shared generator unsliced, :meth:`Shard.remap`) and keeps
+  this process's slice: exact, at the cost of every process sampling the whole global batch.
 * **Rows left out** (judge ties, NaN verdicts, tied rewards) differ in number between processes. Every row is still
   scored (so diffusion scoring draws stay aligned and every process runs a forward pass, which DDP needs) and
   :func:`kept_mean_weights` weights the per-row losses so that the trainer's mean, averaged over processes, is the
