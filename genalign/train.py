@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -107,6 +107,9 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=config.log_with or None,
             project_dir=str(self.output_dir),
+            # a parameter some processes' shares skip (adapter.some_parameters_skip_batches) must be found unused
+            # there: its gradient is then the global batch's, as in one process
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=adapter.some_parameters_skip_batches())],
         )
         # the global RNG (dropout) gets seed + process index: independent masks per process (see genalign.distributed)
         set_seed(config.seed, device_specific=True)

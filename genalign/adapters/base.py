@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -28,6 +29,8 @@ class Adapter(abc.ABC):
     policy: torch.nn.Module
     #: True when scores do not depend on fresh randomness, so reference scores can be computed once and cached
     deterministic: bool = False
+    #: :meth:`sample` keywords that online draws (``genalign.online.draws``) use unless the step sets them
+    online_sample_kwargs: Mapping[str, Any] = MappingProxyType({})
 
     @abc.abstractmethod
     def collate(self, records: Sequence[dict[str, Any]]) -> SampleBatch:
@@ -113,6 +116,12 @@ class Adapter(abc.ABC):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def some_parameters_skip_batches(self) -> bool:
+        """Whether a trainable parameter can be left out of a batch's forward (e.g. a null-condition embedding used
+        only when a caption is dropped). Under DDP such a parameter must be found unused on the processes whose
+        share skipped it, or their gradient reduction waits forever; False by default."""
+        return False
 
     def on_optimizer_step(self) -> None:
         """Called by the trainer after every optimizer step (e.g. EMA updates); nothing by default."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -68,6 +69,8 @@ class MotionAdapter(Adapter, DiffusionSampling):
     """
 
     sample_key = "motion"
+    #: online draws take their noise row-wise, so they can be sharded over processes (:meth:`sample`)
+    online_sample_kwargs = MappingProxyType({"row_wise_noise": True})
 
     def __init__(
         self,
@@ -259,6 +262,11 @@ class MotionAdapter(Adapter, DiffusionSampling):
             return
         yield self.reference_copy_on_policy_device(self.reference)
 
+    def some_parameters_skip_batches(self) -> bool:
+        """:meth:`Adapter.some_parameters_skip_batches`: a trainable null-condition embedding (``null_cond``) is used
+        only by batches in which a caption is dropped."""
+        return any(p.requires_grad for name, p in self.unwrapped_policy.named_parameters() if name.endswith("null_cond"))
+
     # ------------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
     def sample(
@@ -276,6 +284,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
         start: torch.Tensor | None = None,
         return_trajectory: bool = False,
         null_condition: Sequence[bool] | None = None,
+        row_wise_noise: bool = False,
     ) -> MotionBatch:
         """Draw ``num_samples`` motions per caption (condition-major) with classifier-free guidance
         ``f = f(∅) + w·(f(c) − f(∅))`` (off for ``w = 1``).
@@ -290,6 +299,12 @@ class MotionAdapter(Adapter, DiffusionSampling):
         ``[N, T, D]`` the initial noise (the state at the grid's first timestep), and ``return_trajectory`` adds
         ``trajectory``, one :class:`TrajectoryState` ``(x_t, t, eps_hat)`` per sampler step. ``null_condition``
         (one bool per caption) samples those captions from the null condition, i.e. unconditionally.
+
+        ``row_wise_noise`` draws the noise at ``max_frames`` (the initial noise, and DDPM's at every step, with the
+        state held at ``max_frames``; the network sees the batch's frames): a motion's draws then do not depend on
+        the other motions' lengths, so a batch can be sampled in shards (:meth:`row_wise_draws`). Online draws use
+        it (:attr:`online_sample_kwargs`); the default draws at the batch's longest motion, as the evaluations and
+        the offline pair builders always have.
         """
         prompts = [conditions] if isinstance(conditions, str) else list(conditions)
         if not prompts or num_samples < 1:
@@ -309,30 +324,33 @@ class MotionAdapter(Adapter, DiffusionSampling):
         n, frames = len(prompts), max(int(frame_counts.max()), self.pad_frames or 0)
         mask = (torch.arange(frames) < frame_counts.unsqueeze(1)).to(device)
         groups = sampler_groups(scheduler, self.noise_scheduler.config, n, device, num_inference_steps, timesteps)
-        x = sampler_start(groups, (n, frames, self.config.feature_dim), generator, device, start)
+        held = self.config.max_frames if row_wise_noise else frames  # the frames the sampler state holds
+        if start is not None:
+            start = _pad_frames(start, held)
+        x = sampler_start(groups, (n, held, self.config.feature_dim), generator, device, start)
         with self._sampling_model(use_reference) as model:
             dtype = next(model.parameters()).dtype
             model_cond = cond if drop is None else torch.where(drop.to(device).unsqueeze(-1), model.null_cond, cond)
 
             def predict(model_in: torch.Tensor, t_batch: torch.Tensor) -> torch.Tensor:
-                model_in, c = model_in.to(dtype), model_cond.to(dtype)
+                model_in, c = model_in[:, :frames].to(dtype), model_cond.to(dtype)
                 if guidance_scale != 1:
-                    return model.guided(model_in, t_batch, c, mask, guidance_scale).float()
-                return model(model_in, t_batch, c, mask).float()
+                    return _pad_frames(model.guided(model_in, t_batch, c, mask, guidance_scale).float(), held)
+                return _pad_frames(model(model_in, t_batch, c, mask).float(), held)
 
             record = (self.noise_scheduler, self.prediction_type) if return_trajectory else None
             x, states = run_sampler(groups, x, predict, generator, record=record)
-        out = {"motion": x * mask.unsqueeze(-1), "mask": mask, "cond": cond, "prompt": prompts}
+        out = {"motion": x[:, :frames] * mask.unsqueeze(-1), "mask": mask, "cond": cond, "prompt": prompts}
         if return_trajectory:
-            out["trajectory"] = states
+            out["trajectory"] = [TrajectoryState(s.x_t[:, :frames], s.t, s.eps_hat[:, :frames]) for s in states]
         return out
 
-    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, **sample_kwargs: Any) -> bool:
-        """:meth:`Adapter.row_wise_draws`: the frame counts are one draw per caption, but the noise ``[N, frames,
-        D]`` is padded to the longest motion of the batch, so it is row-wise only when every batch is padded to
-        ``max_frames`` (``pad_frames``, e.g. the official MDM trained without ``--mask_frames``) and every sample
-        runs on one timestep grid."""
-        return self.pad_frames == self.config.max_frames and one_grid(timesteps)
+    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, row_wise_noise: bool = False,
+                       **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: the frame counts are one draw per caption; the noise is row-wise with
+        ``row_wise_noise`` or when every batch is padded to ``max_frames`` anyway (``pad_frames``, e.g. the
+        official MDM trained without ``--mask_frames``), and every sample runs on one timestep grid."""
+        return (row_wise_noise or self.pad_frames == self.config.max_frames) and one_grid(timesteps)
 
     def trajectories(
         self,
@@ -428,6 +446,11 @@ def _predict(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, samples: Moti
     if "drop" in samples:
         drop = samples["drop"].to(x_t.device) | (drop.to(x_t.device) if drop is not None else False)
     return model(x_t.to(dtype), t, cond, mask, drop)
+
+
+def _pad_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``x [N, T, D]`` zero-padded to ``frames`` along T (as is when T already is ``frames``)."""
+    return x if x.shape[1] == frames else nn.functional.pad(x, (0, 0, 0, frames - x.shape[1]))
 
 
 def _disable_dropout(model: nn.Module) -> None:

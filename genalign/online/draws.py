@@ -37,9 +37,11 @@ def draw(
     **sample_kwargs: Any,
 ) -> dict[str, Any]:
     """``num_samples`` samples per prompt (prompt-major) from the policy, the reference (``use_reference``) or the
-    geometric mixture with coefficient ``mixture`` = c ∈ [0, 1]; ``sample_kwargs`` go to ``adapter.sample``."""
+    geometric mixture with coefficient ``mixture`` = c ∈ [0, 1]; ``sample_kwargs`` go to ``adapter.sample``, on top
+    of the adapter's ``online_sample_kwargs``."""
     c = check_mixture(mixture)
     prompts = list(prompts)
+    sample_kwargs = options(adapter, sample_kwargs)
     if c == 0.0 or use_reference:
         return adapter.sample(prompts, num_samples, generator=generator, use_reference=use_reference, **sample_kwargs)
     if c == 1.0:
@@ -59,6 +61,11 @@ def draw(
         with _denoiser_mixture(adapter, getattr(adapter, reference), c):
             return adapter.sample(prompts, num_samples, generator=generator, **sample_kwargs)
     raise TypeError(f"geometric-mixture sampling is not defined for {type(adapter).__name__}; use mixture=0")
+
+
+def options(adapter: Adapter, sample_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``sample`` keywords of an online draw: the adapter's ``online_sample_kwargs`` updated by the step's."""
+    return {**adapter.online_sample_kwargs, **sample_kwargs}
 
 
 def check_mixture(c: float) -> float:

@@ -30,7 +30,7 @@ from genalign.steps import StepContext
 def draw(adapter: Adapter, prompts: Sequence[Any], num_samples: int, ctx: StepContext, **kwargs: Any) -> dict:
     """:func:`draws.draw` (same keywords) for this process's ``prompts``: the samples the one-process run draws for
     them within the global batch (prompt-major, ``num_samples`` each)."""
-    if ctx.shard.count == 1 or adapter.row_wise_draws(**kwargs):
+    if ctx.shard.count == 1 or adapter.row_wise_draws(**draws.options(adapter, kwargs)):
         return draws.draw(adapter, prompts, num_samples, ctx.generator, **kwargs)
     shares = ctx.shard.gather([list(prompts)])
     start = sum(len(share) for share in shares[: ctx.shard.index])

@@ -126,7 +126,7 @@ class SoPoStep(Step):
         its caption's preferred motion."""
         return adapter.sample(prompts, self.num_samples, generator=generator, lengths=lengths,
                               num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                              scheduler=self.scheduler)
+                              scheduler=self.scheduler, **adapter.online_sample_kwargs)
 
 
 def _unit_scores(name: str, values, size: int, device: torch.device) -> torch.Tensor:
