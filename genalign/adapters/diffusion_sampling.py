@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from genalign.adapters import multi_grid_dpm
 from genalign.adapters.diffusion_scores import TrajectoryState, epsilon_from_prediction, sampling_scheduler
 
 #: ``predict(model_in [N, ...], t [N]) -> prediction [N, ...]`` (float32), guidance included
@@ -118,7 +119,12 @@ def run_sampler(
     record: tuple[Any, str] | None = None,
 ) -> tuple[torch.Tensor, list[TrajectoryState]]:
     """Run the grouped sampler from ``x``; returns the final sample and, with ``record = (train_scheduler,
-    prediction_type)``, every step's :class:`TrajectoryState` (the state, its timesteps and eps_hat)."""
+    prediction_type)``, every step's :class:`TrajectoryState` (the state, its timesteps and eps_hat). Several
+    DPM-Solver++ grids step together (:mod:`~genalign.adapters.multi_grid_dpm`, the same numbers)."""
+    if len(groups) > 1 and multi_grid_dpm.supported([sched for sched, _ in groups]):
+        return _run_multi_grid(groups, x, predict, record)
+    if len(groups) == 1:
+        return _run_one_grid(groups[0][0], x, predict, generator, record)
     n, states = x.shape[0], []
     for k in range(len(groups[0][0].timesteps)):
         t_batch = torch.empty(n, dtype=torch.long, device=x.device)
@@ -133,4 +139,28 @@ def run_sampler(
         for sched, idx in groups:
             next_x[idx] = sched.step(prediction[idx], sched.timesteps[k], x[idx], generator=generator, return_dict=False)[0]
         x = next_x
+    return x, states
+
+
+def _run_multi_grid(groups, x: torch.Tensor, predict: Predict, record) -> tuple[torch.Tensor, list[TrajectoryState]]:
+    """:func:`run_sampler` for DPM-Solver++ on several grids: one update of every sample per step (its
+    ``scale_model_input`` is the identity)."""
+    solver, states = multi_grid_dpm.MultiGridDPMSolver(groups, x.shape[0], x.device), []
+    for k, t_batch in enumerate(solver.timesteps):
+        prediction = predict(x, t_batch)
+        if record is not None:
+            states.append(TrajectoryState(x, t_batch, epsilon_from_prediction(record[0], prediction, x, t_batch, record[1])))
+        x = solver.step(k, prediction, x)
+    return x, states
+
+
+def _run_one_grid(sched, x: torch.Tensor, predict: Predict, generator, record) -> tuple[torch.Tensor, list[TrajectoryState]]:
+    """:func:`run_sampler` for one grid: the scheduler steps the whole batch (no per-group gather and scatter)."""
+    states = []
+    for t in sched.timesteps:
+        t_batch = t.to(x.device).repeat(x.shape[0])
+        prediction = predict(sched.scale_model_input(x, t), t_batch)
+        if record is not None:
+            states.append(TrajectoryState(x, t_batch, epsilon_from_prediction(record[0], prediction, x, t_batch, record[1])))
+        x = sched.step(prediction, t, x, generator=generator, return_dict=False)[0]
     return x, states

@@ -13,6 +13,8 @@ very same ``x_t``.
 
 from __future__ import annotations
 
+import copy
+
 from typing import NamedTuple
 
 import torch
@@ -130,7 +132,18 @@ SAMPLERS = ("dpmsolver++", "ddim", "ddpm")
 
 def sampling_scheduler(name: str, train_config) -> SchedulerMixin:
     """An inference scheduler built from the training (DDPM) scheduler's config: DPM-Solver++ (multistep), DDIM
-    (η = 0) or ancestral DDPM."""
+    (η = 0) or ancestral DDPM. A fresh copy of one instance per sampler and config: building one walks its
+    1000-step tables (~1 ms), and Diffusion-DRO needs one per offset grid at every draw."""
+    key = (name, repr(sorted(dict(train_config).items())))
+    if key not in _PROTOTYPES:
+        _PROTOTYPES[key] = _build_scheduler(name, train_config)
+    return copy.deepcopy(_PROTOTYPES[key])
+
+
+_PROTOTYPES: dict[tuple[str, str], SchedulerMixin] = {}
+
+
+def _build_scheduler(name: str, train_config) -> SchedulerMixin:
     if name == "dpmsolver++":
         return DPMSolverMultistepScheduler.from_config(train_config, algorithm_type="dpmsolver++")
     if name == "ddim":
