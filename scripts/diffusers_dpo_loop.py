@@ -9,19 +9,23 @@ script's data loader delivers them):
 2. one noise draw and one timestep per pair, shared by its chosen and rejected; ``x_t = add_noise(latents, eps, t)``;
 3. run the CLIP text encoder on the prompts and repeat the states for both halves;
 4. policy forward of the LoRA UNet on the 2B noisy latents; per-sample error ``L = mean (pred − target)²``;
-5. reference forward of the same UNet with its LoRA adapters disabled, under ``no_grad``;
+5. reference forward of the same UNet with its LoRA adapters disabled, under ``no_grad`` (full fine-tune,
+   ``lora=None``: of a frozen copy of the initial UNet, the ``ref_unet`` of the Diffusion-DPO authors' script);
 6. ``inside = −β/2 · [(Lθ_w − Lθ_l) − (Lref_w − Lref_l)]``, ``loss = −mean log σ(inside)`` (Wallace et al. 2023,
    β = 5000 for SD 1.5); backward, gradient clipping, AdamW.
 
 Run as a script it trains a few steps of a randomly initialised tiny SD-1.5-shaped component set (or ``--size sd15``
-for the full SD 1.5 shapes, GPU-sized) on random image pairs and prints the losses and the throughput.
+for the full SD 1.5 shapes, GPU-sized; ``--train full`` for a full fine-tune) on random image pairs and prints the
+losses and the throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -32,18 +36,21 @@ from peft import LoraConfig
 class DiffusersDPOLoop:
     """The per-step work of the diffusers research-project Diffusion-DPO script (see the module docstring).
 
+    ``lora``: ``peft.LoraConfig`` keywords, or None to train every UNet weight against a frozen copy (``ref_unet``).
     ``vae_sample=False`` encodes with the posterior mean instead of a sample (only to compare losses with a
     trainer that caches mean latents on the very same noise); ``mixed_precision="bf16"`` autocasts on CUDA.
     """
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, *, lora: dict[str, Any],
+    def __init__(self, unet, vae, text_encoder, tokenizer, noise_scheduler, *, lora: dict[str, Any] | None,
                  beta_dpo: float = 5000.0, learning_rate: float = 1e-5, max_grad_norm: float = 1.0,
                  vae_sample: bool = True, mixed_precision: str = "no"):
         self.vae = vae.requires_grad_(False).eval()
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(**lora))
+        self.ref_unet = copy.deepcopy(unet).requires_grad_(False).eval() if lora is None else None
+        unet.requires_grad_(lora is None)
+        if lora is not None:
+            unet.add_adapter(LoraConfig(**lora))
         self.unet = unet.train()
         self.params = [p for p in unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=learning_rate)
@@ -85,9 +92,12 @@ class DiffusersDPOLoop:
         model_losses = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         model_w, model_l = model_losses.chunk(2)
         with torch.no_grad(), self._autocast():
-            self.unet.disable_adapters()
-            ref_pred = self.unet(noisy, timesteps, states).sample
-            self.unet.enable_adapters()
+            if self.ref_unet is None:
+                self.unet.disable_adapters()
+                ref_pred = self.unet(noisy, timesteps, states).sample
+                self.unet.enable_adapters()
+            else:
+                ref_pred = self.ref_unet(noisy, timesteps, states).sample
         ref_losses = (ref_pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         ref_w, ref_l = ref_losses.chunk(2)
         inside = -0.5 * self.beta_dpo * ((model_w - model_l) - (ref_w - ref_l))
@@ -112,8 +122,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("tiny", "sd15"), default="tiny")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--train", choices=image.TRAIN_MODES, default="lora",
+                        help="LoRA (adapters disabled = reference) or every UNet weight (frozen reference copy)")
     args = parser.parse_args(argv)
     config = image.ImageConfig() if args.size == "tiny" else image.ImageConfig.for_cuda()
+    config = replace(config, train=args.train)
     components = image.make_components(config)
     loop = image.peer_loop(components, config)
     rows = image.make_rows(config)

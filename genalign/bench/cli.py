@@ -9,7 +9,9 @@ suite) on a CUDA machine picks the GPU sizes (SD-1.5-shaped UNet, ~0.5B LM, bf16
 utilisation; ``--compile`` adds ``genalign-compiled`` to the speed suites: genalign with its policy through
 ``torch.compile`` (what ``train.compile`` does), timed alternating with the eager side. ``--image-shape sd15`` runs
 the image suite at SD 1.5's real UNet/VAE/CLIP shapes in float32 with 1 pair per micro-batch on any device (the
-CPU measurement of the real shape; the peak-memory subprocesses get the same shape).
+CPU measurement of the real shape; the peak-memory subprocesses get the same shape). ``--image-train full`` trains
+every UNet weight on both image sides (frozen reference copy) instead of the LoRA. ``--image-shape tiny`` and
+``--text-shape tiny`` are plumbing sizes that run in seconds (``scripts/gpu_check.sh`` with ``GPU_CHECK_ALLOW_CPU=1``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import shlex
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,15 +40,25 @@ LEVERS = {"text": ["genalign-no-cache", "genalign-full-softmax"],
 COMPILED = "-compiled"
 
 
-#: ``--image-shape``: the image suite's sizes (``auto``: the tiny CPU model, SD 1.5 in bf16 on CUDA)
-IMAGE_SHAPES = {"sd15": image.ImageConfig.sd15}
+#: ``--image-shape`` / ``--text-shape``: sizes other than ``auto`` (the CPU defaults, or the GPU sizes on CUDA)
+IMAGE_SHAPES = {"sd15": image.ImageConfig.sd15, "tiny": image.ImageConfig.tiny}
+TEXT_SHAPES = {"tiny": text.TextConfig.tiny}
 
 
-def suite_config(module, image_shape: str = "auto"):
-    if module is image and image_shape != "auto":
-        return IMAGE_SHAPES[image_shape]()
-    config = module.TextConfig() if module is text else module.ImageConfig()
-    return type(config).for_cuda() if torch.cuda.is_available() else config
+def suite_config(module, shape: str = "auto", image_train: str = "lora"):
+    """The suite's config: ``shape`` from :data:`IMAGE_SHAPES` / :data:`TEXT_SHAPES`, or ``auto`` (CPU defaults,
+    GPU sizes on CUDA); the image suite trains ``image_train`` (``lora`` or ``full``)."""
+    shapes = IMAGE_SHAPES if module is image else TEXT_SHAPES
+    if shape != "auto":
+        config = shapes[shape]()
+    else:
+        config = module.TextConfig() if module is text else module.ImageConfig()
+        config = type(config).for_cuda() if torch.cuda.is_available() else config
+    return replace(config, train=image_train) if module is image else config
+
+
+def suite_shape(suite: str, args: argparse.Namespace) -> str:
+    return args.image_shape if suite == "image" else args.text_shape
 
 
 def build_sides(module, config, names: Sequence[str]) -> dict[str, Any]:
@@ -62,7 +75,7 @@ def build_sides(module, config, names: Sequence[str]) -> dict[str, Any]:
 
 def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
     module = SPEED_SUITES[suite]
-    config = suite_config(module, args.image_shape)
+    config = suite_config(module, suite_shape(suite, args), args.image_train)
     names = ["genalign", *PEERS[suite], *(LEVERS[suite] if args.levers else [])]
     names += ["genalign" + COMPILED] if args.compile else []
     _log(f"[{suite}] building {names}")
@@ -91,7 +104,8 @@ def speed_suite(suite: str, args: argparse.Namespace) -> dict[str, Any]:
         if not (args.no_memory or name.endswith(COMPILED)):  # a compile in a fresh process takes many minutes
             _log(f"[{suite}] peak memory of {name} in a fresh process")
             worker = ["--memory-of", f"{suite}:{name}", "--memory-steps", str(args.memory_steps),
-                      "--image-shape", args.image_shape]
+                      "--image-shape", args.image_shape, "--text-shape", args.text_shape,
+                      "--image-train", args.image_train]
             entry["peak_memory_growth_mib"] = measure.run_isolated("genalign.bench.cli", worker)["growth_mib"]
     for name in names[1:]:
         result["comparisons"][name] = measure.compare(times["genalign"], times[name])
@@ -110,13 +124,14 @@ def online_suite(args: argparse.Namespace) -> dict[str, Any]:
     return {"cases": cases}
 
 
-def memory_worker(spec: str, steps: int, image_shape: str = "auto") -> None:
-    """Run one side alone for ``steps`` steps and print its peak memory growth as JSON (used by the runner)."""
+def memory_worker(spec: str, args: argparse.Namespace) -> None:
+    """Run one side alone for ``--memory-steps`` steps and print its peak memory growth as JSON (used by the
+    runner)."""
     suite, _, side = spec.partition(":")
     module = SPEED_SUITES[suite]
-    runner = build_sides(module, suite_config(module, image_shape), [side])[side]
+    runner = build_sides(module, suite_config(module, suite_shape(suite, args), args.image_train), [side])[side]
     with measure.PeakMemory() as peak:
-        for _ in range(steps):
+        for _ in range(args.memory_steps):
             runner.step()
     print(json.dumps({"suite": suite, "side": side, "growth_mib": peak.growth_mib, "device": peak.kind}))
 
@@ -134,8 +149,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--image-shape", choices=("auto", *IMAGE_SHAPES), default="auto",
                         help="image suite sizes: 'auto' (tiny SD1.5-layout model on the CPU, SD 1.5 in bf16 with 8 "
-                             "pairs on CUDA) or 'sd15' (SD 1.5's real UNet/VAE/CLIP shapes, float32, 1 pair per "
-                             "micro-batch, on any device)")
+                             "pairs on CUDA), 'sd15' (SD 1.5's real UNet/VAE/CLIP shapes, float32, 1 pair per "
+                             "micro-batch, on any device) or 'tiny' (a few channels at 64 pixels: plumbing checks)")
+    parser.add_argument("--image-train", choices=image.TRAIN_MODES, default="lora",
+                        help="image suite: train a LoRA (reference = adapters disabled) or every UNet weight "
+                             "('full', reference = a frozen copy), on both sides")
+    parser.add_argument("--text-shape", choices=("auto", *TEXT_SHAPES), default="auto",
+                        help="text suite sizes: 'auto' (a small GPT-2 on the CPU, ~0.5B in bf16 on CUDA) or 'tiny' "
+                             "(2 layers, 32 wide: plumbing checks)")
     parser.add_argument("--no-levers", dest="levers", action="store_false", help="skip the lever variants")
     parser.add_argument("--compile", action="store_true",
                         help="also time genalign with its policy through torch.compile (side genalign-compiled)")
@@ -145,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_of:
-        memory_worker(args.memory_of, args.memory_steps, args.image_shape)
+        memory_worker(args.memory_of, args)
         return
     if min(args.reps, args.steps) < 1 or args.warmup < 0:
         parser.error("--reps and --steps must be >= 1 and --warmup >= 0")
@@ -159,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "note": args.note,
         "machine": measure.machine_facts(),
         "settings": {k: getattr(args, k) for k in ("reps", "steps", "warmup", "online_steps", "memory_steps",
-                                                   "levers", "compile", "image_shape")},
+                                                   "levers", "compile", "image_shape", "image_train",
+                                                   "text_shape")},
         "suites": {},
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

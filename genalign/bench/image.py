@@ -3,17 +3,21 @@ diffusers research-project Diffusion-DPO script) on the same SD-1.5-shaped UNet 
 
 Both sides train the same LoRA (same rank, targets and initial weights) with AdamW, clipping at 1.0 and β = 5000
 (genalign: ``dpo`` with β = 2500 on negative denoising errors, the same loss), on the same pairs and batch size.
+With ``train="full"`` (``--image-train full``) both train every UNet weight instead, against a frozen copy of the
+initial UNet as the reference (``configs/adapter/sd15.yaml``'s ``adapter.lora=null adapter.reference=copy``).
 
 * genalign: :class:`~genalign.train.Trainer`'s optimizer step over an
   :class:`~genalign.adapters.image.ImageDiffusionAdapter` whose VAE latents (posterior mean) and text-encoder states
   come from its on-disk encoding cache (filled by one pass over the data before timing, reported as setup time);
-  the step runs the UNet only: policy forward on the concatenated pair, LoRA-disabled reference forward.
+  the step runs the UNet only: policy forward on the concatenated pair, LoRA-disabled reference forward (the frozen
+  copy's forward in a full fine-tune).
 * peer: VAE encode of both images and the text encoder every step, then the same two UNet forwards.
 
 CPU: a tiny UNet/VAE/CLIP with SD 1.5's block layout (4 UNet levels, 3 with cross-attention, 8x VAE) on 128-pixel
 images. CUDA (:meth:`ImageConfig.for_cuda`): SD 1.5's real shapes with random weights at 512 pixels, bf16 autocast.
 ``--image-shape sd15`` (:meth:`ImageConfig.sd15`): SD 1.5's real shapes in float32, 1 pair per micro-batch, on any
-device (the CPU measurement of the real shape).
+device (the CPU measurement of the real shape). ``--image-shape tiny`` (:meth:`ImageConfig.tiny`): a few-channel
+model at 64 pixels, to test the plumbing in seconds (``scripts/gpu_check.sh`` with ``GPU_CHECK_ALLOW_CPU=1``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from genalign.train import Trainer, TrainConfig
 
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "diffusers_dpo_loop.py"
 VOCAB = string.ascii_lowercase + string.digits + " .,!?'-"
+TRAIN_MODES = ("lora", "full")
 WORDS = ("a", "red", "cat", "dog", "on", "the", "blue", "car", "tree", "house", "small", "big", "photo", "of")
 
 
@@ -66,7 +71,12 @@ class ImageConfig:
     num_train_timesteps: int = 1000
     mixed_precision: str = "no"
     channels_last: bool = False  # genalign's policy UNet in channels-last memory format (a lever)
+    train: str = "lora"  # "lora" (adapters disabled = reference) or "full" (every UNet weight, frozen reference copy)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise ValueError(f"ImageConfig.train (--image-train) must be one of {TRAIN_MODES}, got {self.train!r}")
 
     @classmethod
     def for_cuda(cls) -> "ImageConfig":
@@ -86,8 +96,18 @@ class ImageConfig:
         projections, as ``configs/adapter/sd15.yaml``."""
         return replace(cls.for_cuda(), rows=2, batch_size=1, mixed_precision="no")
 
+    @classmethod
+    def tiny(cls) -> "ImageConfig":
+        """A few channels per block at 64 pixels, 6 rows of 3 pairs: seconds per run on the CPU, for plumbing
+        checks (``--image-shape tiny``), not for timing."""
+        return cls(unet_channels=(8, 16, 16, 16), vae_channels=(4, 8, 8, 8), text_hidden=16, text_length=12,
+                   image_size=64, attention_head_dim=4, norm_groups=4, rows=6, batch_size=3)
+
     @property
-    def lora(self) -> dict[str, Any]:
+    def lora(self) -> dict[str, Any] | None:
+        """The LoRA both sides add (``peft.LoraConfig`` keywords), or None for a full fine-tune."""
+        if self.train == "full":
+            return None
         return {"r": self.lora_rank, "lora_alpha": self.lora_rank, "target_modules": list(DEFAULT_LORA_TARGETS)}
 
 
@@ -166,8 +186,8 @@ def peer_loop(components: dict[str, Any], config: ImageConfig, **options: Any):
 
 def genalign_adapter(components: dict[str, Any], config: ImageConfig, cache_dir: str | None,
                      lora: bool = True) -> ImageDiffusionAdapter:
-    """genalign's adapter on a copy of the UNet (LoRA, or full fine-tuning with a frozen reference copy); VAE and
-    text encoder through the encoding cache."""
+    """genalign's adapter on a copy of the UNet (``config.lora``, or full fine-tuning with a frozen reference copy
+    when ``config.train`` is ``"full"`` or ``lora=False``); VAE and text encoder through the encoding cache."""
     encoder = CLIPPromptEncoder([components["tokenizer"]], [components["text_encoder"]])
     unet = copy.deepcopy(components["unet"])
     if config.channels_last:
@@ -262,5 +282,6 @@ def sd15_flops() -> dict[str, float]:
 
 
 def describe(config: ImageConfig) -> dict[str, Any]:
+    full = ", full fine-tune (frozen reference copy)" if config.train == "full" else ""
     return {"model": f"SD1.5-layout UNet {config.unet_channels}, VAE {config.vae_channels}, "
-                     f"CLIP {config.text_layers}x{config.text_hidden}, {config.image_size}px", **asdict(config)}
+                     f"CLIP {config.text_layers}x{config.text_hidden}, {config.image_size}px{full}", **asdict(config)}

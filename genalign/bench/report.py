@@ -143,9 +143,15 @@ def _findings(suites: dict[str, Any], device: str) -> list[str]:
             lines.append(f"- image, channels-last UNet: {gain:.2f}x genalign's default layout "
                          f"({sides['genalign-channels-last']['samples_per_s_median'] / sides['diffusers-loop']['samples_per_s_median']:.2f}x "
                          f"the loop in medians).")
-        lines.append("- image, reference forward: LoRA-disabled under `no_grad` on both sides (no second UNet in "
-                     "memory), one call on the concatenated chosen + rejected; SDPA is diffusers' default attention on "
-                     "both sides.")
+        if img["config"].get("train") == "full":
+            lines.append("- image, full fine-tune: every UNet weight trains on both sides; the reference forward is a "
+                         "frozen copy of the initial UNet under `no_grad` (a second UNet in memory on each side), one "
+                         "call on the concatenated chosen + rejected; SDPA is diffusers' default attention on both "
+                         "sides.")
+        else:
+            lines.append("- image, reference forward: LoRA-disabled under `no_grad` on both sides (no second UNet in "
+                         "memory), one call on the concatenated chosen + rejected; SDPA is diffusers' default "
+                         "attention on both sides.")
         if "genalign-cached-reference" in comparisons:
             gain = 1 / comparisons["genalign-cached-reference"]["ratio_median"]
             loop = sides["genalign-cached-reference"]["samples_per_s_median"] / sides["diffusers-loop"]["samples_per_s_median"]

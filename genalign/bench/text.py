@@ -64,6 +64,12 @@ class TextConfig:
         return cls(n_layer=24, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024, prompt_chars=(128, 256),
                    response_chars=(64, 256), rows=256, batch_size=8, mixed_precision="bf16")
 
+    @classmethod
+    def tiny(cls) -> "TextConfig":
+        """A 2-layer, 32-wide GPT-2 on 12 rows of 4 pairs: seconds per run on the CPU, for plumbing checks
+        (``--text-shape tiny``), not for timing."""
+        return cls(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=96, rows=12, batch_size=4)
+
 
 def make_rows(config: TextConfig) -> list[dict[str, Any]]:
     """Random character strings as prompt / chosen / rejected (the content does not matter for throughput)."""
