@@ -2,12 +2,14 @@
 
 Two sides, alternating within one run on each process: ``sharded`` (the default: a row-wise sampler draws only this
 process's rows) and ``global`` (every process draws the whole global batch and keeps its slice, as every sampler did
-before). The model and settings are digits_oaif's: the shipped digits UNet, 2 samples per prompt, DPM-Solver++ with
-10 steps, no guidance, a global batch of 32 prompts. Run it once per process count and compare the medians:
+before). The model, prompts and sampler settings are an OAIF experiment's (``--experiment``: digits_oaif, the shipped
+digits UNet with DPM-Solver++ 10 steps; text_oaif, the tiny arithmetic LM with 4 new tokens at temperature 1), 2
+samples per prompt, a global batch of 32 prompts. Run it once per process count and compare the medians:
 
     export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1
     .venv/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 1 scripts/bench_sharded_sampling.py
     .venv/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 scripts/bench_sharded_sampling.py
+    .venv/bin/accelerate launch ... --num_processes 2 scripts/bench_sharded_sampling.py --experiment text_oaif
 
 Each process prints one JSON line: its index, the process count and each side's median seconds per draw.
 """
@@ -23,26 +25,28 @@ import torch
 from accelerate import PartialState
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from genalign.cli import CONFIG_DIR
+from genalign.cli import CONFIG_DIR, build_rows
 from genalign.distributed import Shard
-from genalign.online import global_batch
+from genalign.online import draws, global_batch
 from genalign.steps import StepContext
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default="digits_oaif", help="an OAIF experiment: its adapter, prompts, sampler")
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     state = PartialState(cpu=not torch.cuda.is_available())
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["experiment=digits_oaif", "evaluator=none"])
+        cfg = compose(config_name="config", overrides=[f"experiment={args.experiment}", "evaluator=none"])
     adapter = instantiate(cfg.adapter)
-    sample = {"num_inference_steps": 10, "guidance_scale": 1.0, "scheduler": "dpmsolver++"}
+    sample = OmegaConf.to_container(cfg.objective.sample, resolve=True)
     shard = Shard(state.process_index, state.num_processes)
-    prompts = shard.rows([f"a handwritten digit {i % 10}" for i in range(args.global_batch)])
+    prompts = shard.rows(draws.prompts(build_rows(cfg.data.train, adapter)[: args.global_batch]))
     row_wise = adapter.row_wise_draws
     times: dict[str, list[float]] = {"sharded": [], "global": []}
     for rep in range(args.reps + 1):  # the first repetition warms up
@@ -56,8 +60,8 @@ def main() -> None:
                 samples = global_batch.draw(adapter, prompts, 2, ctx, **sample)
             if rep:
                 times[side].append(time.perf_counter() - start)
-            assert samples["x0"].shape[0] == 2 * len(prompts)
-    print(json.dumps({"process": state.process_index, "processes": state.num_processes,
+            assert draws.batch_size(samples) == 2 * len(prompts)
+    print(json.dumps({"experiment": args.experiment, "process": state.process_index, "processes": state.num_processes,
                       "global_batch": args.global_batch, "samples_per_prompt": 2, **sample,
                       **{f"{side}_s": round(statistics.median(values), 3) for side, values in times.items()}}))
 

@@ -27,27 +27,30 @@ def grids(steps: int, n: int, seed: int) -> torch.Tensor:
     return torch.arange(steps - 1, -1, -1).unsqueeze(0) * ratio + offsets
 
 
-def alone(grid: torch.Tensor, x: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def alone(grid: torch.Tensor, x: torch.Tensor, prediction_type: str, thresholding: bool = False) -> torch.Tensor:
     """One sample on its own scheduler, stepped by diffusers."""
-    sched = DPMSolverMultistepScheduler.from_config(TRAIN, algorithm_type="dpmsolver++", prediction_type=prediction_type)
+    sched = DPMSolverMultistepScheduler.from_config(TRAIN, algorithm_type="dpmsolver++", prediction_type=prediction_type,
+                                                    thresholding=thresholding)
     sched.set_timesteps(timesteps=grid.tolist())
     for t in sched.timesteps:
         x = sched.step(predict(x, t.view(1)), t, x, return_dict=False)[0]
     return x
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type, thresholding", [("epsilon", False), ("v_prediction", False),
+                                                         ("sample", False), ("epsilon", True)])
 @pytest.mark.parametrize("steps", [10, 3, 20])
-def test_every_sample_follows_its_own_schedulers_trajectory_bit_for_bit(prediction_type, steps):
+def test_every_sample_follows_its_own_schedulers_trajectory_bit_for_bit(prediction_type, thresholding, steps):
+    """Thresholding: the digits model's dynamic thresholding (each x0 clipped by its own 0.995 quantile)."""
     n = 9
     timesteps = grids(steps, n, seed=steps)
-    config = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type).config
+    config = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, thresholding=thresholding).config
     groups = sampler_groups("dpmsolver++", config, n, torch.device("cpu"), steps, timesteps)
     assert len(groups) > 1 and multi_grid_dpm.supported([s for s, _ in groups])
     start = torch.randn(n, 2, 4, 4, generator=torch.Generator().manual_seed(0))
     together, _ = run_sampler(groups, start.clone(), predict, None)
     for i in range(n):
-        assert torch.equal(together[i : i + 1], alone(timesteps[i], start[i : i + 1], prediction_type)), i
+        assert torch.equal(together[i : i + 1], alone(timesteps[i], start[i : i + 1], prediction_type, thresholding)), i
 
 
 def test_recorded_states_are_the_states_and_timesteps_of_each_step():

@@ -82,7 +82,7 @@ def sampler_groups(
     groups = []
     for g, grid in enumerate(unique):
         sched = sampling_scheduler(name, train_config)
-        if "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
+        if not g and "timesteps" not in inspect.signature(sched.set_timesteps).parameters:
             raise ValueError(f"sampler {name!r} does not take custom timesteps; use 'dpmsolver++' or 'ddpm'")
         sched.set_timesteps(timesteps=grid.tolist(), device=device)
         groups.append((sched, (inverse == g).nonzero().flatten().to(device)))

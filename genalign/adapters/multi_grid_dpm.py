@@ -9,7 +9,8 @@ arXiv:2211.01095) is linear in the state and the data predictions, with scalars 
     x_{k+1} = (σ_{k+1}/σ_k)·x_k − B_k·x0_k − (B_k/2)·(x0_k − x0_{k−1})·(h_k / h_{k−1}),
     B_k = α_{k+1}·(e^{−h_k} − 1),   h_k = λ_{k+1} − λ_k,   λ = log α − log σ,
 
-first order (the last term dropped) at the first step and at the last. :func:`grid_coefficients` computes these
+first order (the last term dropped) at the first step and at the last; with dynamic thresholding, x0_k is clipped
+per sample first. :func:`grid_coefficients` computes these
 scalars for one grid from the scheduler's own ``sigmas`` with the scheduler's own operations, in its order, and
 caches them; :class:`MultiGridDPMSolver` applies every sample's scalars at once, so each sample follows exactly
 (bit for bit) the trajectory its grid's scheduler gives it.
@@ -42,7 +43,7 @@ def supported(schedulers: list) -> bool:
         return False
     config = first.config
     return (config.algorithm_type == "dpmsolver++" and config.solver_order == 2 and config.solver_type == "midpoint"
-            and not config.thresholding and not config.use_flow_sigmas
+            and not config.use_flow_sigmas
             and config.variance_type not in ("learned", "learned_range")
             and config.prediction_type in ("epsilon", "sample", "v_prediction")
             and all(isinstance(s, DPMSolverMultistepScheduler) and s.config == config
@@ -105,6 +106,9 @@ class MultiGridDPMSolver:
     def __init__(self, groups: list[tuple[DPMSolverMultistepScheduler, torch.Tensor]], n: int, device: torch.device):
         schedulers = [sched for sched, _ in groups]
         self.prediction_type = schedulers[0].config.prediction_type
+        # dynamic thresholding (Imagen) clips each sample's x0 by its own quantile: the scheduler's own function,
+        # applied to the whole batch, is its per-grid result row by row
+        self.threshold = schedulers[0]._threshold_sample if schedulers[0].config.thresholding else None
         self.second_order = second_order_steps(schedulers[0])
         self.timesteps = torch.empty(len(schedulers[0].timesteps), n, dtype=torch.long, device=device)
         fields = {name: torch.empty(len(self.second_order), n) for name in StepCoefficients._fields}
@@ -129,6 +133,8 @@ class MultiGridDPMSolver:
             x0 = alpha * sample - sigma * model_output
         else:
             x0 = model_output
+        if self.threshold is not None:
+            x0 = self.threshold(x0)
         keep, data = self._scalar("keep", k, x), self._scalar("data", k, x)
         if self.second_order[k]:
             d1 = self._scalar("ratio", k, x) * (x0 - self.previous)
