@@ -9,7 +9,8 @@ samples per prompt, a global batch of 32 prompts. Run it once per process count 
     export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1
     .venv/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 1 scripts/bench_sharded_sampling.py
     .venv/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 scripts/bench_sharded_sampling.py
-    .venv/bin/accelerate launch ... --num_processes 2 scripts/bench_sharded_sampling.py --experiment text_oaif
+    .venv/bin/accelerate launch ... --num_processes 2 scripts/bench_sharded_sampling.py --experiment text_oaif \
+        objective.sample.max_new_tokens=16 objective.sample.temperature=2.0
 
 Each process prints one JSON line: its index, the process count and each side's median seconds per draw.
 """
@@ -37,12 +38,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="digits_oaif", help="an OAIF experiment: its adapter, prompts, sampler")
     parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. objective.sample.max_new_tokens=32")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     state = PartialState(cpu=not torch.cuda.is_available())
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={args.experiment}", "evaluator=none"])
+        cfg = compose(config_name="config", overrides=[f"experiment={args.experiment}", "evaluator=none",
+                                                           *args.overrides])
     adapter = instantiate(cfg.adapter)
     sample = OmegaConf.to_container(cfg.objective.sample, resolve=True)
     shard = Shard(state.process_index, state.num_processes)
