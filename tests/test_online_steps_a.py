@@ -416,7 +416,8 @@ def test_motion_mixture_denoises_with_the_mixed_guided_prediction():
     sched.set_timesteps(3)
     mask = torch.arange(12)[None] < torch.tensor([[8], [12]])
     cond = text(["walk", "jump"])
-    x = randn_tensor((2, 12, 263), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    # online draws take their noise row-wise: drawn at max_frames (16) and cut to the batch's 12 frames
+    x = randn_tensor((2, 16, 263), generator=torch.Generator().manual_seed(0))[:, :12] * sched.init_noise_sigma
     policy, reference = adapter.unwrapped_policy.eval(), adapter.reference.eval()
     with torch.no_grad():
         for t in sched.timesteps:
