@@ -45,11 +45,19 @@ TOL = 1e-5
 PROMPTS = ["a cat", "a dog", "a fox", "an owl"]
 
 
-def halves_under_shards(adapter, key: str, prompts=PROMPTS, lengths=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+def halves_under_shards(adapter, key: str, prompts=PROMPTS, lengths=None, grids=None,
+                        **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(the global batch sampled in one call, its two halves each sampled under its shard's draws); ``lengths``:
-    one frame count per prompt (motion), split with the prompts. Motions of a half padded to fewer frames than the
-    whole batch's are zero-padded to them (padded frames are zero in both)."""
-    extra = lambda part: {} if lengths is None else {"lengths": lengths[part]}
+    one frame count per prompt (motion), ``grids``: one timestep grid per sample ``[2·prompts, S]``, both split with
+    the prompts. Motions of a half padded to fewer frames than the whole batch's are zero-padded to them (padded
+    frames are zero in both)."""
+
+    def extra(part: slice) -> dict:
+        out = {} if lengths is None else {"lengths": lengths[part]}
+        if grids is not None:
+            out["timesteps"] = grids[slice(None) if part.start is None else slice(2 * part.start, 2 * part.stop)]
+        return out
+
     whole = adapter.sample(prompts, 2, generator=torch.Generator().manual_seed(7), **extra(slice(None)), **kwargs)[key]
     parts = []
     for rank in (0, 1):
@@ -105,8 +113,10 @@ def test_image_sampler_draws_are_row_wise():
     assert adapter.row_wise_draws(**kwargs)
     whole, halves = halves_under_shards(adapter, "x0", **kwargs)
     torch.testing.assert_close(halves, whole, atol=SAMPLE_TOL, rtol=0)
-    grids = torch.tensor([[30, 10], [31, 11]]).repeat(4, 1)  # per-sample grids: noise drawn per grid group
-    assert not adapter.row_wise_draws(timesteps=grids) and adapter.row_wise_draws(timesteps=grids[:1].repeat(8, 1))
+    grids = torch.tensor([[30, 10], [31, 11]]).repeat(4, 1)  # per-sample grids: one noise draw per step for all
+    assert adapter.row_wise_draws(timesteps=grids, scheduler="ddpm")
+    whole, halves = halves_under_shards(adapter, "x0", grids=grids, **kwargs)
+    torch.testing.assert_close(halves, whole, atol=SAMPLE_TOL, rtol=0)
 
 
 def motion_adapter(pad_frames: int | None) -> MotionAdapter:

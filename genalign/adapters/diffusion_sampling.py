@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from genalign.adapters import multi_grid_dpm
+from genalign.adapters import multi_grid_ddpm, multi_grid_dpm
 from genalign.adapters.diffusion_scores import TrajectoryState, epsilon_from_prediction, sampling_scheduler
 
 #: ``predict(model_in [N, ...], t [N]) -> prediction [N, ...]`` (float32), guidance included
@@ -120,9 +120,13 @@ def run_sampler(
 ) -> tuple[torch.Tensor, list[TrajectoryState]]:
     """Run the grouped sampler from ``x``; returns the final sample and, with ``record = (train_scheduler,
     prediction_type)``, every step's :class:`TrajectoryState` (the state, its timesteps and eps_hat). Several
-    DPM-Solver++ grids step together (:mod:`~genalign.adapters.multi_grid_dpm`, the same numbers)."""
-    if len(groups) > 1 and multi_grid_dpm.supported([sched for sched, _ in groups]):
-        return _run_multi_grid(groups, x, predict, record)
+    DPM-Solver++ grids step together (:mod:`~genalign.adapters.multi_grid_dpm`, the same numbers), several DDPM
+    grids too, with one row-wise noise draw per step (:mod:`~genalign.adapters.multi_grid_ddpm`)."""
+    schedulers = [sched for sched, _ in groups]
+    for module in (multi_grid_dpm, multi_grid_ddpm):
+        if len(groups) > 1 and module.supported(schedulers):
+            solver = (multi_grid_dpm.MultiGridDPMSolver if module is multi_grid_dpm else multi_grid_ddpm.MultiGridDDPM)
+            return _run_multi_grid(solver(groups, x.shape[0], x.device), x, predict, generator, record)
     if len(groups) == 1:
         return _run_one_grid(groups[0][0], x, predict, generator, record)
     n, states = x.shape[0], []
@@ -142,16 +146,25 @@ def run_sampler(
     return x, states
 
 
-def _run_multi_grid(groups, x: torch.Tensor, predict: Predict, record) -> tuple[torch.Tensor, list[TrajectoryState]]:
-    """:func:`run_sampler` for DPM-Solver++ on several grids: one update of every sample per step (its
-    ``scale_model_input`` is the identity)."""
-    solver, states = multi_grid_dpm.MultiGridDPMSolver(groups, x.shape[0], x.device), []
+def _run_multi_grid(solver, x: torch.Tensor, predict: Predict, generator, record) -> tuple[torch.Tensor, list[TrajectoryState]]:
+    """:func:`run_sampler` for samples on several grids: one update of every sample per step (DPM-Solver++'s and
+    DDPM's ``scale_model_input`` are the identity)."""
+    states = []
     for k, t_batch in enumerate(solver.timesteps):
         prediction = predict(x, t_batch)
         if record is not None:
             states.append(TrajectoryState(x, t_batch, epsilon_from_prediction(record[0], prediction, x, t_batch, record[1])))
-        x = solver.step(k, prediction, x)
+        x = solver.step(k, prediction, x, generator)
     return x, states
+
+
+def row_wise_grids(name: str, train_config: Any, timesteps: torch.Tensor | None) -> bool:
+    """Whether sampler ``name``'s draws on ``timesteps`` are row-wise (one ``[N, ...]`` tensor per draw): always on
+    one grid; on several, DPM-Solver++ draws nothing after the start, and DDPM one noise tensor per step where
+    :mod:`~genalign.adapters.multi_grid_ddpm` steps the grids together."""
+    if one_grid(timesteps) or name == "dpmsolver++":
+        return True
+    return name == "ddpm" and multi_grid_ddpm.supported([sampling_scheduler(name, train_config)])
 
 
 def _run_one_grid(sched, x: torch.Tensor, predict: Predict, generator, record) -> tuple[torch.Tensor, list[TrajectoryState]]:

@@ -34,7 +34,8 @@ from peft.utils import get_peft_model_state_dict
 
 from genalign.adapters.base import Adapter
 from genalign.adapters.clip_prompt import CLIPPromptEncoder
-from genalign.adapters.diffusion_sampling import DiffusionSampling, one_grid, run_sampler, sampler_groups, sampler_start
+from genalign.adapters.diffusion_sampling import (DiffusionSampling, row_wise_grids, run_sampler, sampler_groups,
+                                                  sampler_start)
 from genalign.adapters.diffusion_scores import (
     TrajectoryState,
     check_prediction_type,
@@ -461,10 +462,11 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
             out["trajectory"] = states
         return out
 
-    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, **sample_kwargs: Any) -> bool:
-        """:meth:`Adapter.row_wise_draws`: images have one shape, so the initial noise ``[N, C, H, W]`` and DDPM's
-        per-step noise are row-wise whenever every sample runs on one timestep grid."""
-        return one_grid(timesteps)
+    def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, scheduler: str = "dpmsolver++",
+                       **sample_kwargs: Any) -> bool:
+        """:meth:`Adapter.row_wise_draws`: images have one shape, so the initial noise ``[N, C, H, W]`` is row-wise,
+        and so are the sampler's draws on its grids (:func:`~genalign.adapters.diffusion_sampling.row_wise_grids`)."""
+        return row_wise_grids(scheduler, self.noise_scheduler.config, timesteps)
 
     def trajectories(
         self,

@@ -34,7 +34,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from genalign.adapters.base import Adapter
-from genalign.adapters.diffusion_sampling import DiffusionSampling, one_grid, run_sampler, sampler_groups, sampler_start
+from genalign.adapters.diffusion_sampling import (DiffusionSampling, row_wise_grids, run_sampler, sampler_groups,
+                                                  sampler_start)
 from genalign.adapters.diffusion_scores import TrajectoryState, denoising_score, denoising_target, draw_noise
 from genalign.models.mdm import MotionDenoiser
 from genalign.models.text_condition import TextCondition
@@ -346,11 +347,13 @@ class MotionAdapter(Adapter, DiffusionSampling):
         return out
 
     def row_wise_draws(self, *, timesteps: torch.Tensor | None = None, row_wise_noise: bool = False,
-                       **sample_kwargs: Any) -> bool:
+                       scheduler: str = "ddpm", **sample_kwargs: Any) -> bool:
         """:meth:`Adapter.row_wise_draws`: the frame counts are one draw per caption; the noise is row-wise with
         ``row_wise_noise`` or when every batch is padded to ``max_frames`` anyway (``pad_frames``, e.g. the
-        official MDM trained without ``--mask_frames``), and every sample runs on one timestep grid."""
-        return (row_wise_noise or self.pad_frames == self.config.max_frames) and one_grid(timesteps)
+        official MDM trained without ``--mask_frames``), and the sampler's draws on its grids are
+        (:func:`~genalign.adapters.diffusion_sampling.row_wise_grids`)."""
+        padded = row_wise_noise or self.pad_frames == self.config.max_frames
+        return padded and row_wise_grids(scheduler, self.noise_scheduler.config, timesteps)
 
     def trajectories(
         self,
@@ -365,7 +368,8 @@ class MotionAdapter(Adapter, DiffusionSampling):
         """:meth:`DiffusionSampling.trajectories`: one frame count per trajectory (``U{60, …, 196}`` capped at
         ``max_frames``, ``[N·K]``), then the initial noise ``[N·K, max_frames, D]`` cut to the longest count (so a
         trajectory's draws do not depend on the others', as sharded sampling needs; ``init_noise_sigma`` is 1 for
-        DDPM and DPM-Solver++), then :meth:`sample` from it. The empty caption samples the null condition.
+        DDPM and DPM-Solver++), then :meth:`sample` from it with ``row_wise_noise`` (DDPM's per-step noise at
+        ``max_frames`` too). The empty caption samples the null condition.
         Returns ``{"cond", "mask"}`` and the states."""
         n = len(prompts) * num_samples
         lengths = self._sample_lengths(n, 1, None, generator)
@@ -374,7 +378,7 @@ class MotionAdapter(Adapter, DiffusionSampling):
         frames = max(int(lengths.max()), self.pad_frames or 0)
         out = self.sample(prompts, num_samples, generator=generator, lengths=lengths, timesteps=timesteps,
                           start=noise[:, :frames], guidance_scale=guidance_scale, scheduler=scheduler,
-                          return_trajectory=True, null_condition=[p == "" for p in prompts])
+                          return_trajectory=True, null_condition=[p == "" for p in prompts], row_wise_noise=True)
         return {"cond": out["cond"], "mask": out["mask"]}, out["trajectory"]
 
     def start_state(self, batch: MotionBatch, noise: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:

@@ -123,8 +123,8 @@ class MultiGridDPMSolver:
     def _scalar(self, name: str, k: int, like: torch.Tensor) -> torch.Tensor:
         return self.coefficients[name][k].view(-1, *([1] * (like.ndim - 1)))
 
-    def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """x_{k+1} from the state x_k and the network's output at step k (float32)."""
+    def step(self, k: int, model_output: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None = None):
+        """x_{k+1} from the state x_k and the network's output at step k (float32); draws nothing."""
         sample = x.to(torch.float32)
         alpha, sigma = self._scalar("alpha", k, x), self._scalar("sigma", k, x)
         if self.prediction_type == "epsilon":

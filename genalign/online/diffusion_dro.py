@@ -223,9 +223,10 @@ class DiffusionDROStep(Step):
         With several processes (``shard``), the missing prompts are those of all processes' ``prompts`` and every
         process ends with the buffer the one-process run builds: the offsets and the initial noise are drawn for all
         N·K trajectories on every process (the one-process draws), each process samples a contiguous share of the
-        prompts with its slice of them, and the shares are gathered. DPM-Solver++ is deterministic given those, so
-        the trajectories are the one-process ones; the stochastic ``ddpm`` sampler draws noise per timestep group,
-        so there every process samples all N·K trajectories itself."""
+        prompts with its slice of them, and the shares are gathered. DPM-Solver++ is deterministic given those, and
+        the ``ddpm`` sampler draws one row-wise noise tensor per step over all grids
+        (:mod:`genalign.adapters.multi_grid_ddpm`), so the trajectories are the one-process ones; a sampler whose
+        draws are not row-wise (``adapter.row_wise_draws``) has every process sample all N·K trajectories itself."""
         shard = shard or Shard()
         missing = self.buffer.missing(shard.gather(prompts))
         if not missing:
@@ -233,7 +234,8 @@ class DiffusionDROStep(Step):
         k, total = self.num_samples, len(missing) * self.num_samples
         with shard.remap(None):
             grids = self.offset_grids(adapter, total, generator)
-        split = shard.count > 1 and self.scheduler == "dpmsolver++"
+        split = shard.count > 1 and adapter.row_wise_draws(timesteps=grids, scheduler=self.scheduler,
+                                                           **adapter.online_sample_kwargs)
         share = shard.split(len(missing)) if split else range(len(missing))
         first = share.start * k
         entries = {}

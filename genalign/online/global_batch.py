@@ -2,11 +2,12 @@
 run on W processes equals the one-process run with the same global batch (:mod:`genalign.distributed`).
 
 * **Draws.** A sampler whose draws are row-wise (:meth:`Adapter.row_wise_draws`: language models, with one seed
-  per sequence; tabular inverse-CDF draws; the diffusion samplers on one timestep grid, with fixed-size samples)
+  per sequence; tabular inverse-CDF draws; the diffusion samplers, motions with their noise drawn at max_frames)
   samples only this process's rows: under :meth:`Shard.draws` each of its draws is the one-process run's draw for
   the global batch, sliced to these rows, so the samples are the one-process run's (to the float32 rounding of a
   smaller batch through the network) at 1/W of the sampling work. Other samplers (motions padded to each batch's
-  longest, per-sample diffusion grids) are not row-wise: :func:`draw` gathers every process's prompts, draws for
+  longest without ``row_wise_noise``, DDPM settings :mod:`~genalign.adapters.multi_grid_ddpm` does not reproduce on
+  per-sample grids) are not row-wise: :func:`draw` gathers every process's prompts, draws for
   all of them exactly as the one-process run does (the shared generator unsliced, :meth:`Shard.remap`) and keeps
   this process's slice: exact, at the cost of every process sampling the whole global batch.
 * **Rows left out** (judge ties, NaN verdicts, tied rewards) differ in number between processes. Every row is still
