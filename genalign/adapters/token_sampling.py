@@ -6,7 +6,8 @@ seeded from a per-row seed, and the next token is drawn by the Gumbel-max trick 
 
     y_t = argmax_v ( s_t(v) + G_t(v) ),   G_t(v) = −log(−log U_t(v)),   U_t ~ Uniform[0, 1)^V from stream r,
 
-which is an exact draw from softmax(s_t) (Gumbel 1954; Maddison et al. 2014, "A* Sampling"). s_t are the logits
+which is an exact draw from softmax(s_t) (Gumbel 1954; Maddison et al. 2014, "A* Sampling"), up to float32
+uniforms: G ≤ 16.6, so a token more than ~19 nats below the best is never drawn (its probability is < 1e-8). s_t are the logits
 after the usual processors and the sampling warpers (temperature, top-k, top-p, …, in ``generate``'s order). A
 sequence's draws depend only on its own seed and step, so sampling a batch in shards (one per process) gives every
 sequence the tokens it gets in the whole batch (to the rounding of its logits in a differently padded batch).
