@@ -11,6 +11,9 @@ samples per prompt, a global batch of 32 prompts. Run it once per process count 
     .venv/bin/accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 scripts/bench_sharded_sampling.py
     .venv/bin/accelerate launch ... --num_processes 2 scripts/bench_sharded_sampling.py --experiment text_oaif \
         objective.sample.max_new_tokens=16 objective.sample.temperature=2.0
+    # a larger, randomly initialised GPT-2 (layers x width) with the experiment's tokenizer, 64 new tokens:
+    .venv/bin/accelerate launch ... scripts/bench_sharded_sampling.py --experiment text_oaif --random-lm 6x512 \
+        adapter.max_length=96 objective.sample.max_new_tokens=64
 
 Each process prints one JSON line: its index, the process count and each side's median seconds per draw.
 """
@@ -27,7 +30,9 @@ from accelerate import PartialState
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from genalign.adapters.text import TextAdapter
 from genalign.cli import CONFIG_DIR, build_rows
 from genalign.distributed import Shard
 from genalign.online import draws, global_batch
@@ -38,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="digits_oaif", help="an OAIF experiment: its adapter, prompts, sampler")
     parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--random-lm", help="LAYERSxWIDTH: sample from a random GPT-2 of that size instead (text)")
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. objective.sample.max_new_tokens=32")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
@@ -47,6 +53,8 @@ def main() -> None:
         cfg = compose(config_name="config", overrides=[f"experiment={args.experiment}", "evaluator=none",
                                                            *args.overrides])
     adapter = instantiate(cfg.adapter)
+    if args.random_lm:
+        adapter = random_lm(adapter, args.random_lm, cfg)
     sample = OmegaConf.to_container(cfg.objective.sample, resolve=True)
     shard = Shard(state.process_index, state.num_processes)
     prompts = shard.rows(draws.prompts(build_rows(cfg.data.train, adapter)[: args.global_batch]))
@@ -67,6 +75,16 @@ def main() -> None:
     print(json.dumps({"experiment": args.experiment, "process": state.process_index, "processes": state.num_processes,
                       "global_batch": args.global_batch, "samples_per_prompt": 2, **sample,
                       **{f"{side}_s": round(statistics.median(values), 3) for side, values in times.items()}}))
+
+
+def random_lm(adapter: TextAdapter, size: str, cfg) -> TextAdapter:
+    """A TextAdapter over a randomly initialised GPT-2 of ``LAYERSxWIDTH`` with ``adapter``'s tokenizer and lengths."""
+    layers, width = (int(v) for v in size.lower().split("x"))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(adapter.tokenizer), n_positions=cfg.adapter.max_length,
+                                       n_embd=width, n_layer=layers, n_head=max(1, width // 64)))
+    return TextAdapter(model, adapter.tokenizer, reference="copy", max_length=cfg.adapter.max_length,
+                       max_prompt_length=cfg.adapter.max_prompt_length)
 
 
 if __name__ == "__main__":
