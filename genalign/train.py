@@ -120,7 +120,7 @@ class Trainer:
         self.shard = Shard(self.accelerator.process_index, world)
         if config.gradient_checkpointing:
             adapter.enable_gradient_checkpointing()
-        params = adapter.trainable_parameters()
+        self.trainable = params = adapter.trainable_parameters()  # fixed for the run; clipped every step
         if not params:
             raise ValueError("the adapter's policy has no trainable parameters (is everything frozen?)")
         self.optimizer = torch.optim.AdamW(
@@ -216,8 +216,7 @@ class Trainer:
                     )
                 acc.backward(loss)
                 if acc.sync_gradients and self.cfg.max_grad_norm is not None:
-                    params = self.adapter.trainable_parameters()
-                    sums["grad_norm"] = float(acc.clip_grad_norm_(params, self.cfg.max_grad_norm))
+                    sums["grad_norm"] = float(acc.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if acc.sync_gradients:

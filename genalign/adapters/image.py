@@ -30,6 +30,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.training_utils import EMAModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from genalign.adapters.base import Adapter
@@ -128,6 +129,7 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         else:
             unet.requires_grad_(True)
         self.lora = lora is not None
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         self.policy = unet.train()
         self.ema = None if ema_decay is None else EMAModel(
             self.trainable_parameters(), decay=ema_decay, use_ema_warmup=ema_power is not None, power=ema_power or 2 / 3)
@@ -384,12 +386,15 @@ class ImageDiffusionAdapter(Adapter, DiffusionSampling):
         """The reference network: the policy with its LoRA adapters disabled, or the frozen copy (moved to the
         policy's device on first use)."""
         if self.reference is None:
-            unet = self.unwrapped_policy
-            unet.disable_adapters()
+            # what diffusers' disable_adapters()/enable_adapters() do, on the LoRA layers found once: walking the
+            # UNet's modules twice per step took ~7 % of a small model's Diffusion-DPO step
+            for layer in self._lora_layers:
+                layer.enable_adapters(False)
             try:
-                yield unet
+                yield self.unwrapped_policy
             finally:
-                unet.enable_adapters()
+                for layer in self._lora_layers:
+                    layer.enable_adapters(True)
         else:
             yield self.reference_copy_on_policy_device(self.reference)
 
